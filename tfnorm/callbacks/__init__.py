@@ -1,0 +1,1 @@
+"""Keras callbacks that drive tfnorm layers during training."""

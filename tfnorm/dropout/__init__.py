@@ -1,0 +1,1 @@
+"""Dropout flavors that Keras lacks."""
