@@ -1,0 +1,132 @@
+"""The statistics core shared by every BN variant.
+
+Every variant (plain, ghost, renorm, masked, synchronized) gathers the same
+three numbers per channel: the count of elements, their mean and their
+centered sum of squares `m2`. Keeping `m2` centered (two passes over the
+data, never `E[x^2] - E[x]^2`) keeps the variance accurate for inputs with
+a large mean, and lets groups and replicas be combined exactly with Chan's
+parallel formula `m2 = sum(m2_i + n_i * (mean_i - mean)^2)`.
+"""
+
+import collections
+
+import tensorflow as tf
+
+Moments = collections.namedtuple("Moments", ["count", "mean", "m2"])
+
+
+def variance(moments):
+    """Biased variance; zero where there is no data."""
+    return tf.math.divide_no_nan(moments.m2, moments.count)
+
+
+def expand_to_rank(values, rank, axis):
+    """(batch, channels) -> shape broadcastable against the input."""
+    shape = [1] * rank
+    shape[0] = -1
+    shape[axis] = values.shape[-1]
+    return tf.reshape(values, shape)
+
+
+def local_moments(x, weights, reduction_axes, axis):
+    """Count, mean and m2 per channel over this replica's elements.
+
+    `weights` is None or a 0/1 mask with the input's shape and size 1 on
+    the channel axis. An empty selection gives count 0, mean 0, m2 0.
+    """
+    channels = x.shape[axis]
+    if weights is None:
+        count = tf.cast(tf.size(x), x.dtype) / channels
+        total = tf.reduce_sum(x, reduction_axes)
+    else:
+        count = tf.reduce_sum(weights, reduction_axes)
+        total = tf.reduce_sum(weights * x, reduction_axes)
+    count = tf.broadcast_to(count, [channels])
+    mean = tf.math.divide_no_nan(total, count)
+    squares = tf.square(x - _per_channel(mean, len(x.shape), axis))
+    if weights is not None:
+        squares = weights * squares
+    return Moments(count, mean, tf.reduce_sum(squares, reduction_axes))
+
+
+def _per_channel(vector, rank, axis):
+    """Reshapes a per-channel vector to broadcast against the input."""
+    shape = [1] * rank
+    shape[axis] = -1
+    return tf.reshape(vector, shape)
+
+
+def all_reduce_moments(ctx, moments):
+    """Combines per-replica moments into global ones, exactly.
+
+    Two all-reduces: count and sum first, which give the global mean; then
+    each replica's m2 re-centered on that mean. Uneven replica batches
+    weigh by their counts.
+    """
+    count, mean, m2 = moments
+    summed = ctx.all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.stack([count, count * mean])
+    )
+    total_count = summed[0]
+    global_mean = tf.math.divide_no_nan(summed[1], total_count)
+    local = m2 + count * tf.square(mean - global_mean)
+    total_m2 = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)
+    return Moments(total_count, global_mean, total_m2)
+
+
+def ghost_moments(x, weights, inner_axes, axis, group_size):
+    """Moments of contiguous groups of `group_size` examples.
+
+    Returns the per-group moments broadcast back to each example, shaped
+    (batch, channels), and the pooled moments of the whole batch. The
+    batch may be unknown and need not divide evenly: the last group is
+    smaller. Segment sums over per-example partial sums keep the cost at
+    two passes over `x`, like plain BN.
+    """
+    batch = tf.shape(x)[0]
+    num_groups = (batch + group_size - 1) // group_size
+    group_of = tf.range(batch) // group_size
+
+    def per_group(values):
+        return tf.math.unsorted_segment_sum(values, group_of, num_groups)
+
+    if weights is None:
+        per_example = tf.cast(tf.size(x), x.dtype) / tf.cast(
+            tf.maximum(batch, 1) * x.shape[axis], x.dtype
+        )
+        example_count = tf.fill([batch, 1], per_example)
+        weighted = x
+    else:
+        example_count = tf.reshape(
+            _reduce_inner(weights, inner_axes), [batch, 1]
+        )
+        weighted = weights * x
+    group_count = per_group(example_count)
+    group_sum = per_group(_reduce_inner(weighted, inner_axes))
+    group_mean = tf.math.divide_no_nan(group_sum, group_count)
+
+    example_mean = tf.gather(group_mean, group_of)
+    centered = x - expand_to_rank(example_mean, len(x.shape), axis)
+    squares = tf.square(centered)
+    if weights is not None:
+        squares = weights * squares
+    group_m2 = per_group(_reduce_inner(squares, inner_axes))
+
+    channels = x.shape[axis]
+    group_count = tf.broadcast_to(group_count, [num_groups, channels])
+    per_example = Moments(
+        tf.gather(group_count, group_of),
+        example_mean,
+        tf.gather(group_m2, group_of),
+    )
+
+    # Chan's formula pools the groups into the whole batch's moments.
+    count = tf.reduce_sum(group_count, 0)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(group_sum, 0), count)
+    m2 = tf.reduce_sum(group_m2 + group_count * tf.square(group_mean - mean), 0)
+    return per_example, Moments(count, mean, m2)
+
+
+def _reduce_inner(values, inner_axes):
+    """Sums over all axes but batch and channel: (batch, channels)."""
+    return tf.reduce_sum(values, inner_axes) if inner_axes else values
