@@ -5,8 +5,8 @@ call in both modes, config round trip, `.keras` save and load, and one
 `fit` step in eager, graph and XLA modes.
 """
 
-import numpy as np
 import keras
+import numpy as np
 
 
 def check_layer_contract(layer_factory, x, tmp_path, atol=1e-6):

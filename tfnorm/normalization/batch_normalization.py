@@ -430,20 +430,14 @@ class BatchNormalization(keras.layers.Layer):
 
     @property
     def renorm_clipping(self):
-        """The current clipping bounds as a dict (None without renorm)."""
+        """The current clipping bounds as a dict (None without renorm).
+
+        The Python dict is the exact record of what was set; the variables
+        mirror it (in float32) for the compiled training step.
+        """
         if not self.renorm:
             return None
-        if self._clip_vars is None:
-            return dict(self._initial_clipping) if self._clipping_given else {}
-        values = {k: float(v.numpy()) for k, v in self._clip_vars.items()}
-        clipping = {}
-        if math.isfinite(values["rmax"]):
-            clipping["rmax"] = values["rmax"]
-        if values["rmin"] > 0:
-            clipping["rmin"] = values["rmin"]
-        if math.isfinite(values["dmax"]):
-            clipping["dmax"] = values["dmax"]
-        return clipping
+        return dict(self._initial_clipping)
 
     def set_renorm_clipping(self, rmax=None, rmin=None, dmax=None):
         """Sets the renorm clipping bounds; `None` means no clipping.
@@ -759,9 +753,9 @@ class BatchNormalization(keras.layers.Layer):
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "synchronized": self.synchronized,
             "renorm": self.renorm,
-            "renorm_clipping": self.renorm_clipping
-            if self._clipping_given
-            else None,
+            "renorm_clipping": (
+                self.renorm_clipping if self._clipping_given else None
+            ),
             "renorm_momentum": self.renorm_momentum,
             "virtual_batch_size": self.virtual_batch_size,
         }
