@@ -1,1 +1,9 @@
 """Keras callbacks that drive tfnorm layers during training."""
+
+from tfnorm.callbacks.renorm_clipping import RenormClippingSchedule
+from tfnorm.callbacks.renorm_clipping import renorm_clipping_at
+
+__all__ = [
+    "RenormClippingSchedule",
+    "renorm_clipping_at",
+]
