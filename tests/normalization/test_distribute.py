@@ -1,0 +1,143 @@
+"""MirroredStrategy over the two logical CPUs that conftest.py configures."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfnorm
+from tests import reference as ref
+
+
+@pytest.fixture(scope="module")
+def strategy():
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    assert len(devices) == 2, devices
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def _data(shape, seed=0, loc=0.0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * 2 + loc).astype("float32")
+
+
+def _run_replicas(strategy, layer, parts, masks=None):
+    """Calls `layer` in training mode on one part per replica."""
+
+    def value_fn(context):
+        return tf.constant(parts[context.replica_id_in_sync_group])
+
+    def mask_fn(context):
+        return tf.constant(masks[context.replica_id_in_sync_group])
+
+    x = strategy.experimental_distribute_values_from_function(value_fn)
+    m = None
+    if masks is not None:
+        m = strategy.experimental_distribute_values_from_function(mask_fn)
+
+    @tf.function
+    def step(x, m):
+        return strategy.run(
+            lambda xi, mi: layer(xi, training=True, mask=mi), args=(x, m)
+        )
+
+    out = step(x, m)
+    return [v.numpy() for v in strategy.experimental_local_results(out)]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"renorm": True}, {"virtual_batch_size": 3}],
+    ids=["plain", "renorm", "ghost"],
+)
+def test_synchronized_equals_one_device_on_global_batch(strategy, kwargs):
+    # Uneven replica batches (5 and 3 examples) must weigh by count.
+    parts = [_data((5, 4, 3), 0, loc=1.0), _data((3, 4, 3), 1, loc=-2.0)]
+    with strategy.scope():
+        layer = tfnorm.BatchNormalization(
+            synchronized=True, momentum=0.5, **kwargs
+        )
+        layer.build((None, 4, 3))
+    single = tfnorm.BatchNormalization(momentum=0.5, **kwargs)
+    for step in range(2):
+        shifted = [p + step for p in parts]
+        outs = _run_replicas(strategy, layer, shifted)
+        full = single(np.concatenate(shifted), training=True).numpy()
+        if "virtual_batch_size" not in kwargs:
+            np.testing.assert_allclose(
+                np.concatenate(outs), full, rtol=1e-5, atol=1e-5
+            )
+        for ours, theirs in zip(
+            layer.non_trainable_weights,
+            single.non_trainable_weights,
+            strict=True,
+        ):
+            np.testing.assert_allclose(
+                ours.numpy(),
+                theirs.numpy(),
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=ours.path,
+            )
+
+
+def test_synchronized_with_mask_uses_global_masked_statistics(strategy):
+    parts = [_data((4, 6, 2), 0, loc=3.0), _data((4, 6, 2), 1)]
+    rng = np.random.default_rng(0)
+    masks = [rng.random((4, 6)) > 0.5, rng.random((4, 6)) > 0.2]
+    with strategy.scope():
+        layer = tfnorm.BatchNormalization(synchronized=True, momentum=0.0)
+        layer.build((None, 6, 2))
+    _run_replicas(strategy, layer, parts, masks)
+    _, mean, var = ref.bn_moments(
+        np.concatenate(parts), mask=np.concatenate(masks)
+    )
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-5)
+
+
+def test_unsynchronized_statistics_are_the_mean_over_replicas(strategy):
+    parts = [_data((6, 3), 0, loc=4.0), _data((6, 3), 1, loc=-1.0)]
+    with strategy.scope():
+        layer = tfnorm.BatchNormalization(momentum=0.6)
+        layer.build((None, 3))
+    states = [ref.initial_state(3), ref.initial_state(3)]
+    for step in range(3):
+        shifted = [p * (step + 1) for p in parts]
+        outs = _run_replicas(strategy, layer, shifted)
+        results = [
+            ref.bn_train(p, s, momentum=0.6)
+            for p, s in zip(shifted, states, strict=True)
+        ]
+        # Each replica normalizes with its own batch.
+        for out, (y_ref, _) in zip(outs, results, strict=True):
+            np.testing.assert_allclose(out, y_ref, rtol=1e-5, atol=1e-5)
+        states = [r[1] for r in results]
+        expected = {k: (states[0][k] + states[1][k]) / 2 for k in states[0]}
+        states = [expected, expected]
+        for name in ("moving_mean", "moving_variance"):
+            variable = getattr(layer, name)
+            for value in strategy.experimental_local_results(variable.value):
+                np.testing.assert_allclose(
+                    value.numpy(), expected[name], rtol=1e-5, err_msg=name
+                )
+
+
+@pytest.mark.parametrize("synchronized", [False, True])
+def test_fit_under_mirrored_strategy(strategy, synchronized, tmp_path):
+    x = _data((32, 4), loc=1.0)
+    y = x.sum(1, keepdims=True)
+    with strategy.scope():
+        inputs = keras.Input((4,))
+        h = tfnorm.BatchNormalization(
+            synchronized=synchronized, virtual_batch_size=4, renorm=True
+        )(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(1)(h))
+        model.compile(optimizer="sgd", loss="mse")
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5
+    )
