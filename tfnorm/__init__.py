@@ -5,6 +5,7 @@ Public layers are re-exported here; families live in their own subpackages
 """
 
 from tfnorm import callbacks
+from tfnorm.callbacks.precise_bn import precise_bn
 from tfnorm.normalization import BatchNormalization
 from tfnorm.normalization import BatchRenormalization
 from tfnorm.normalization import GhostBatchNormalization
@@ -16,4 +17,5 @@ __all__ = [
     "BatchRenormalization",
     "GhostBatchNormalization",
     "callbacks",
+    "precise_bn",
 ]

@@ -259,6 +259,9 @@ def test_bounds_change_inside_compiled_fit(jit_compile):
     assert bn.renorm_clipping == pytest.approx(
         {"rmax": 3.0, "rmin": 1.0 / 3.0, "dmax": 5.0}
     )
+    # The variables the compiled step reads hold the same bounds.
+    clip = {k: float(v.numpy()) for k, v in bn._clip_vars.items()}
+    assert clip == pytest.approx(bn.renorm_clipping, rel=1e-6)
 
 
 def test_current_bounds_survive_keras_save_and_load(tmp_path):
