@@ -1,0 +1,185 @@
+"""Shared machinery of the tfnorm dropout layers: a rate kept in a variable.
+
+Keras freezes a dropout layer's `rate` into the compiled training step as a
+Python float, so changing it during `fit` does nothing until the model is
+recompiled. tfnorm layers keep the rate in a non-trainable float32 variable
+instead: the compiled step reads it at every call, so
+`tfnorm.callbacks.DropRateSchedule` can move it from batch to batch.
+
+Persistence: the rate variable is a saved weight, so a `.keras` file restores
+the rate a layer had when it was saved; `get_config()` also reports the
+variable's current value, so `from_config(get_config())` builds a layer
+starting from that rate too.
+
+Randomness: masks come from `tf.random.stateless_uniform` with the Philox
+algorithm, seeded by a `keras.random.SeedGenerator`. Philox is named
+explicitly because the default algorithm ("auto_select") is compiled by XLA
+into a generator about 50 times slower on CPU; Keras's own dropout pays that
+price under `jit_compile=True`. The same seed gives the same sequence of masks
+within one execution mode; XLA and TensorFlow kernels produce different
+Philox streams, so masks differ between `jit_compile=True` and `False`. The
+generator's position is not saved: a loaded layer restarts its sequence from
+its seed, as Keras's own dropout layers do.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+
+def validate_rate(rate, name="rate"):
+    """Raises a `ValueError` unless `rate` is a real number in [0, 1).
+
+    Rate 1 is rejected here, at construction, so that no layer ever divides
+    by `1 - rate = 0` at call time.
+    """
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, (int, float, np.floating, np.integer))
+        or not 0.0 <= float(rate) < 1.0
+    ):
+        raise ValueError(
+            f"`{name}` must be a number in the range [0, 1). "
+            f"Received: {name}={rate!r}"
+        )
+    return float(rate)
+
+
+def float32_repr(value):
+    """The shortest decimal that reads back as the same float32.
+
+    `float(np.float32(0.3))` is 0.30000001192092896; configs read better with
+    0.3, which converts back to the same float32.
+    """
+    return float(str(np.float32(value)))
+
+
+class RateVariableMixin:
+    """Gives a layer a schedulable `rate` and a seeded random source.
+
+    A subclass calls `_init_rate(rate, seed)` in `__init__` after
+    `super().__init__()`. It then reads the rate in `call` with
+    `_rate_tensor()` and draws uniforms with `_uniform(shape, seed)` where the
+    seed comes from `_next_seed()`.
+
+    `tfnorm.callbacks.DropRateSchedule` drives every layer that has this
+    mixin, unless the class sets `_schedulable = False` (a learned rate).
+    """
+
+    _schedulable = True
+
+    def _init_rate(self, rate, seed):
+        rate = validate_rate(rate)
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+        ):
+            raise ValueError(
+                f"`seed` must be an int or None. Received: seed={seed!r}"
+            )
+        self.seed = None if seed is None else int(seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
+        # float32 and no autocast: the rate is a statistic of the layer, kept
+        # exact under mixed precision. Created here rather than in `build`
+        # because it does not depend on the input shape, so the rate can be
+        # read and set before the layer is first called.
+        # `only_first_replica` lets a callback assign it under a
+        # distribution strategy.
+        self._rate = self.add_weight(
+            name="rate",
+            shape=(),
+            dtype="float32",
+            initializer=keras.initializers.Constant(rate),
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica",
+        )
+
+    @property
+    def rate(self):
+        """The current drop rate, a Python float in [0, 1)."""
+        return float32_repr(ops.convert_to_numpy(self._rate.value))
+
+    @rate.setter
+    def rate(self, value):
+        self._rate.assign(validate_rate(value))
+
+    @property
+    def rate_variable(self):
+        """The non-trainable float32 variable that holds the rate."""
+        return self._rate
+
+    def _rate_tensor(self):
+        return ops.convert_to_tensor(self._rate.value, "float32")
+
+    def _next_seed(self):
+        # Keras's generator state is int64; the stateless kernels want int32
+        # seeds under XLA, so fold it into that range as Keras itself does.
+        state = self.seed_generator.next()
+        return tf.cast(tf.math.floormod(state, tf.int32.max - 1), tf.int32)
+
+    @staticmethod
+    def _uniform(shape, seed):
+        """float32 uniforms in [0, 1) drawn with Philox (see module doc)."""
+        return tf.random.stateless_uniform(
+            shape,
+            seed=seed,
+            dtype=tf.float32,
+            alg="philox",
+        )
+
+    def _rate_config(self):
+        return {"rate": self.rate, "seed": self.seed}
+
+
+class DropoutLayer(RateVariableMixin, keras.layers.Layer):
+    """Base of the tfnorm dropout layers that act on their input tensor.
+
+    Subclasses implement `_drop(inputs, rate, seed)`, the training-mode
+    transform for a positive rate. This class makes inference and
+    `rate == 0` the exact identity: the inputs are returned unchanged, and a
+    zero rate in the variable skips the random draw entirely (a `cond`, so
+    the same compiled step serves every rate).
+    """
+
+    def __init__(self, rate, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self._init_rate(rate, seed)
+        self.supports_masking = True
+
+    def call(self, inputs, training=False):
+        if not training:
+            return inputs
+        # Drawn outside the cond so that the mask sequence of a seed does not
+        # depend on how many steps ran at rate 0.
+        seed = self._next_seed()
+        rate = self._rate_tensor()
+        return ops.cond(
+            rate > 0.0,
+            lambda: self._drop(inputs, rate, seed),
+            lambda: inputs,
+        )
+
+    def _drop(self, inputs, rate, seed):
+        raise NotImplementedError
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._rate_config())
+        return config
+
+
+def kernel_of(layer, wrapper_name):
+    """The `kernel` variable of `layer`, or a `ValueError` naming the fix."""
+    kernel = getattr(layer, "kernel", None)
+    if not isinstance(kernel, keras.Variable):
+        raise ValueError(
+            f"{wrapper_name} wraps a layer with a `kernel` weight, such as "
+            "Dense, EinsumDense, Conv2D or Conv2DTranspose (LoRA-enabled "
+            "layers are not supported). "
+            f"Received: layer={type(layer).__name__}(name={layer.name!r})"
+        )
+    return kernel

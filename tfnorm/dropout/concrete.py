@@ -1,0 +1,222 @@
+"""Concrete dropout: a dropout rate learned by gradient descent."""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from tfnorm.dropout.base import RateVariableMixin
+from tfnorm.dropout.base import float32_repr
+from tfnorm.dropout.base import kernel_of
+
+# Keeps log(u) and log(1 - u) finite for uniforms at the ends of [0, 1).
+_EPSILON = 1e-7
+
+
+def _check_nonnegative(value, name):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.floating, np.integer))
+        or not value >= 0
+    ):
+        raise ValueError(
+            f"`{name}` must be a non-negative number. "
+            f"Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="tfnorm")
+class ConcreteDropout(RateVariableMixin, keras.layers.Wrapper):
+    """Dropout on the inputs of a wrapped layer, with a learned rate.
+
+    The drop rate `p` is a weight: `p = sigmoid(rate_logit)`, trained with
+    the rest of the model. To make the mask differentiable in `p`, the
+    Bernoulli draw is relaxed to a Concrete (Gumbel-softmax) variable with
+    temperature `t`:
+
+        z = sigmoid((logit(p) + log(u) - log(1 - u)) / t),  u ~ U(0, 1)
+        y = layer(x * (1 - z) / (1 - p))
+
+    in training; as `t -> 0`, `z` becomes a Bernoulli(p) drop indicator. At
+    inference the wrapped layer sees `x` unchanged; run
+    `tfnorm.mc_predict` to sample the dropout at prediction time, as the
+    paper does.
+
+    Every call adds the paper's regularizer with `add_loss`:
+
+        weight_regularizer * sum(W^2) / (1 - p)
+        + dropout_regularizer * K * (p log p + (1 - p) log(1 - p))
+
+    with `W` the wrapped kernel and `K` its number of input features
+    (`kernel.shape[-2]`, the inputs of a Dense or the channels of a
+    convolution). The second term is `-K` times the entropy of the rate: it
+    pulls `p` towards 0.5 and balances the first, which favours small `p`.
+    The paper sets `weight_regularizer = l^2 / N` and `dropout_regularizer =
+    2 / N` for N training examples and prior length scale l.
+
+    The learned rate is visible as weights: the trainable `rate_logit`, and
+    a non-trainable `rate` that mirrors `sigmoid(rate_logit)` at each
+    training call, so TensorBoard's weight histograms and `layer.weights`
+    show it. The `rate` attribute reads `sigmoid(rate_logit)`. Unlike the
+    other tfnorm dropout layers, the rate is learned, so
+    `tfnorm.callbacks.DropRateSchedule` leaves this layer alone, and
+    `get_config()` reports the current rate as `initial_rate`. The mask is
+    elementwise, also for convolutions.
+
+    Args:
+        layer: a `keras.layers.Layer` with a `kernel` variable, such as Dense
+            or Conv2D.
+        weight_regularizer: non-negative float, the weight of the kernel
+            term.
+        dropout_regularizer: non-negative float, the weight of the entropy
+            term.
+        initial_rate: float in (0, 1), the rate at initialization.
+        temperature: positive float, the temperature `t` of the relaxation.
+        seed: int or None, the seed of the noise sequence.
+        **kwargs: base layer keyword arguments, such as `name`.
+
+    Call arguments:
+        inputs: the wrapped layer's input.
+        training: Python bool, whether to drop. Defaults to `False`.
+
+    Output shape: that of the wrapped layer.
+
+    Reference:
+    - [Gal et al., 2017](https://arxiv.org/abs/1705.07832)
+
+    Example:
+
+    >>> layer = ConcreteDropout(
+    ...     keras.layers.Dense(16),
+    ...     weight_regularizer=1e-6,
+    ...     dropout_regularizer=2e-5,
+    ...     seed=0,
+    ... )
+    >>> y = layer(np.ones((4, 8), "float32"), training=True)
+    >>> 0.0 < layer.rate < 1.0
+    True
+    """
+
+    _schedulable = False
+
+    def __init__(
+        self,
+        layer,
+        weight_regularizer=1e-6,
+        dropout_regularizer=1e-5,
+        initial_rate=0.1,
+        temperature=0.1,
+        seed=None,
+        **kwargs,
+    ):
+        # No autocast: the rate, the relaxed mask and the regularizer are
+        # computed in float32; the wrapped layer casts to its compute dtype.
+        kwargs["autocast"] = False
+        super().__init__(layer, **kwargs)
+        self.weight_regularizer = _check_nonnegative(
+            weight_regularizer, "weight_regularizer"
+        )
+        self.dropout_regularizer = _check_nonnegative(
+            dropout_regularizer, "dropout_regularizer"
+        )
+        if (
+            isinstance(initial_rate, bool)
+            or not isinstance(
+                initial_rate, (int, float, np.floating, np.integer)
+            )
+            or not 0.0 < initial_rate < 1.0
+        ):
+            raise ValueError(
+                "`initial_rate` must be a number in the open range (0, 1): "
+                "its logit is the initial weight. "
+                f"Received: initial_rate={initial_rate!r}"
+            )
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(
+                temperature, (int, float, np.floating, np.integer)
+            )
+            or not temperature > 0
+        ):
+            raise ValueError(
+                "`temperature` must be a positive number. "
+                f"Received: temperature={temperature!r}"
+            )
+        self.temperature = float(temperature)
+        self._init_rate(initial_rate, seed)
+        initial_rate = float(initial_rate)
+        self.rate_logit = self.add_weight(
+            name="rate_logit",
+            shape=(),
+            dtype="float32",
+            initializer=keras.initializers.Constant(
+                math.log(initial_rate) - math.log1p(-initial_rate)
+            ),
+            trainable=True,
+            autocast=False,
+        )
+        if self.layer.built:
+            kernel_of(self.layer, type(self).__name__)
+
+    @property
+    def rate(self):
+        """The current learned rate, `sigmoid(rate_logit)`, a Python float."""
+        logit = float(ops.convert_to_numpy(self.rate_logit.value))
+        return float32_repr(1.0 / (1.0 + math.exp(-logit)))
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        kernel_of(self.layer, type(self).__name__)
+        self.built = True
+
+    def _regularizer(self, rate):
+        kernel = ops.convert_to_tensor(
+            kernel_of(self.layer, type(self).__name__).value
+        )
+        kernel = ops.cast(kernel, "float32")
+        weight_term = ops.sum(ops.square(kernel)) / (1.0 - rate)
+        neg_entropy = rate * ops.log(rate) + (1.0 - rate) * ops.log1p(-rate)
+        input_features = kernel.shape[-2] if len(kernel.shape) > 1 else 1
+        return (
+            self.weight_regularizer * weight_term
+            + self.dropout_regularizer * input_features * neg_entropy
+        )
+
+    def call(self, inputs, training=False):
+        logit = ops.convert_to_tensor(self.rate_logit.value)
+        rate = ops.sigmoid(logit)
+        self.add_loss(self._regularizer(rate))
+        # `training` is not passed on: a kernel layer does not use it, and
+        # an explicit value would leak into later sibling layers (Keras 3.15).
+        if not training:
+            return self.layer(inputs)
+        self._rate.assign(rate)
+        u = self._uniform(ops.shape(inputs), self._next_seed())
+        u = ops.clip(u, _EPSILON, 1.0 - _EPSILON)
+        drop = ops.sigmoid(
+            (logit + ops.log(u) - ops.log1p(-u)) / self.temperature
+        )
+        factor = (1.0 - drop) / (1.0 - rate)
+        x = ops.convert_to_tensor(inputs)
+        if not keras.backend.is_float_dtype(x.dtype):
+            x = ops.cast(x, "float32")
+        return self.layer(x * ops.cast(factor, x.dtype))
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("autocast", None)
+        config.update(
+            {
+                "weight_regularizer": self.weight_regularizer,
+                "dropout_regularizer": self.dropout_regularizer,
+                "initial_rate": self.rate,
+                "temperature": self.temperature,
+                "seed": self.seed,
+            }
+        )
+        return config
