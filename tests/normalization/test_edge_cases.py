@@ -271,3 +271,54 @@ def test_trainable_false_means_inference_mode_in_fit():
         ),
         rtol=1e-6,
     )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"virtual_batch_size": 3},
+        {"renorm": True},
+        {"renorm": True, "virtual_batch_size": 4},
+    ],
+    ids=["plain", "ghost", "renorm", "ghost_renorm"],
+)
+def test_fused_kernel_and_xla_paths_agree(kwargs):
+    # Graph mode takes TF's fused kernel for 4D channels-last float32
+    # inputs; XLA takes the generic ops. Both must give the same step.
+    x = tf.constant(_data((10, 3, 3, 4), loc=2.0, scale=3.0))
+    results = []
+    for jit in (False, True):
+        layer = tfnorm.BatchNormalization(momentum=0.5, **kwargs)
+        layer.build(x.shape)
+        layer.gamma.assign([0.5, 1.0, 1.5, -1.0])
+
+        @tf.function(jit_compile=jit)
+        def step(layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * tf.sin(x))
+            return y, tape.gradient(loss, [x, layer.gamma, layer.beta])
+
+        y, grads = step()
+        y2, _ = step()
+        results.append([y, y2, *grads, *layer.non_trainable_weights])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_empty_4d_batch_in_graph_mode_leaves_statistics():
+    layer = tfnorm.BatchNormalization()
+    layer(_data((2, 3, 3, 4), loc=1.0), training=True)
+    before = _moving(layer)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3, 3, 4])])
+    def run(x):
+        return layer(x, training=True)
+
+    assert run(np.zeros((0, 3, 3, 4), "float32")).shape == (0, 3, 3, 4)
+    for a, b in zip(before, _moving(layer), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -74,6 +74,18 @@ def all_reduce_moments(ctx, moments):
     return Moments(total_count, global_mean, total_m2)
 
 
+def combine(parts):
+    """Pools the moments of disjoint parts with Chan's formula."""
+    if len(parts) == 1:
+        return parts[0]
+    count = tf.add_n([p.count for p in parts])
+    mean = tf.math.divide_no_nan(
+        tf.add_n([p.count * p.mean for p in parts]), count
+    )
+    m2 = tf.add_n([p.m2 + p.count * tf.square(p.mean - mean) for p in parts])
+    return Moments(count, mean, m2)
+
+
 def ghost_moments(x, weights, inner_axes, axis, group_size):
     """Moments of contiguous groups of `group_size` examples.
 

@@ -83,6 +83,20 @@ def _check_clipping(renorm, renorm_clipping):
     return clipping
 
 
+def _in_xla_context():
+    """Whether the current graph is being compiled with XLA.
+
+    TensorFlow has no public API for this; the internal helper marks
+    `tf.function(jit_compile=True)` graphs. Without it, assume no XLA.
+    """
+    try:
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - internal layout changed
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+
+
 def _replica_context():
     """The replica context when running on more than one replica, else None."""
     ctx = tf.distribute.get_replica_context()
@@ -551,21 +565,24 @@ class BatchNormalization(keras.layers.Layer):
         return tf.cast(y, self.compute_dtype)
 
     def _use_fused(self, x, mask):
-        """Whether TF's fused kernel computes exactly what we need.
+        """Whether TF's fused kernel can compute this training step.
 
-        It covers plain BN on 4D channels-last inputs; its epsilon floor
-        and its lack of masks, groups, renorm and cross-replica statistics
-        rule it out elsewhere.
+        It normalizes 4D channels-last float32 inputs with their own batch
+        statistics, which covers plain BN, renorm (with r and d folded into
+        its scale and offset) and ghost groups (one call per group). It
+        has no masks or cross-replica statistics, raises epsilons below
+        1.001e-5, and under XLA the generic ops fuse better than its
+        lowering, so those cases take the generic path.
         """
         return (
             len(x.shape) == 4
             and self._axis == 3
             and mask is None
-            and self.virtual_batch_size is None
-            and not self.renorm
             and self.epsilon >= _FUSED_MIN_EPSILON
             and x.dtype == tf.float32
             and _replica_context() is None
+            and not _in_xla_context()
+            and (self.virtual_batch_size is None or x.shape[0] is not None)
         )
 
     def _train(self, inputs, mask):
@@ -654,12 +671,46 @@ class BatchNormalization(keras.layers.Layer):
         return tf.cast(y, self.compute_dtype)
 
     def _train_fused(self, x):
+        batch = x.shape[0]
+        if self.virtual_batch_size is None or batch is None:
+            pieces = [x]
+        else:
+            # Contiguous groups; slices along the batch axis are cheap.
+            v = self.virtual_batch_size
+            sizes = [v] * (batch // v) + ([batch % v] if batch % v else [])
+            pieces = tf.split(x, sizes) if len(sizes) > 1 else [x]
+        outputs, stats = [], []
+        for piece in pieces:
+            y, moments = self._fused_piece(piece)
+            outputs.append(y)
+            stats.append(moments)
+        y = outputs[0] if len(outputs) == 1 else tf.concat(outputs, 0)
+        stats = _moments.combine(stats)
+        self._update_statistics(
+            stats.mean, _moments.variance(stats), stats.count > 0
+        )
+        return tf.cast(y, self.compute_dtype)
+
+    def _fused_piece(self, x):
+        """One fused call on a (group of the) batch: output and moments."""
         channels = x.shape[-1]
         gamma, beta = self._scale_offset(x.dtype)
         if gamma is None:
             gamma = tf.ones([channels], x.dtype)
         if beta is None:
             beta = tf.zeros([channels], x.dtype)
+        if self.renorm:
+            # r and d need the batch moments before the kernel runs; they
+            # are constants for backprop, so folding them into the scale
+            # and offset gives the kernel's exact BN gradient for x.
+            own = _moments.local_moments(x, None, [0, 1, 2], 3)
+            has_data = own.count > 0
+            mean = tf.where(has_data, own.mean, self.moving_mean)
+            variance = tf.where(
+                has_data, _moments.variance(own), self.moving_variance
+            )
+            r, d = self._renorm_correction(mean, variance, has_data)
+            gamma, beta = gamma * r, gamma * d + beta
         y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
             x=x,
             scale=gamma,
@@ -669,12 +720,11 @@ class BatchNormalization(keras.layers.Layer):
             epsilon=self.epsilon,
             is_training=True,
         )
-        # The kernel returns the Bessel-corrected variance; the moving
-        # average takes the biased one, as Keras does.
+        # The kernel returns the Bessel-corrected variance: m2 / (n - 1).
         n = tf.cast(tf.size(x) // channels, x.dtype)
-        variance = variance * tf.math.divide_no_nan(n - 1.0, n)
-        self._update_statistics(mean, variance, n > 0)
-        return tf.cast(y, self.compute_dtype)
+        m2 = tf.where(n > 1, variance * (n - 1.0), tf.zeros_like(variance))
+        count = tf.fill([channels], n)
+        return y, _moments.Moments(count, tf.where(n > 0, mean, 0.0), m2)
 
     def _renorm_correction(self, mean, variance, has_data):
         """Renorm's r and d (stop-gradient) from the pre-update statistics.
