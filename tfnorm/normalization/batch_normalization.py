@@ -527,13 +527,19 @@ class BatchNormalization(keras.layers.Layer):
         beta = tf.cast(self.beta, dtype) if self.center else None
         return gamma, beta
 
-    def _normalize(self, x, mean, variance, gamma, beta, r=None, d=None):
-        """`(x - mean) * a + b` with the scale folded into one factor.
+    def _normalize(
+        self, x, mean, variance, gamma, beta, r=None, d=None, fold=False
+    ):
+        """Normalizes with the scale folded into one per-channel factor.
 
-        Subtracting first keeps a constant input whose statistics match it
-        at exactly zero before the offset; the form `x * a + (b - mean * a)`
-        cancels catastrophically for large inputs (and XLA fuses it into
-        one multiply-add).
+        Inference (`fold=False`) computes `(x - mean) * a + b`: subtracting
+        first keeps a constant input that matches its moving statistics at
+        exactly zero, where `x * a + (b - mean * a)` cancels
+        catastrophically (Keras 3 gives about -7.5e9 for inputs of 1e15
+        under XLA). Training (`fold=True`) uses the folded form as Keras
+        does: its backward pass is markedly cheaper under XLA, and with
+        batch statistics the cancellation costs only about
+        `|mean| / std * 6e-8` in normalized units.
         """
         factor = tf.math.rsqrt(variance + self.epsilon)
         if r is not None:
@@ -544,6 +550,9 @@ class BatchNormalization(keras.layers.Layer):
         if d is not None:
             shift = d * gamma if gamma is not None else d
             offset = shift if beta is None else shift + beta
+        if fold:
+            shift = -mean * factor
+            return x * factor + (shift if offset is None else shift + offset)
         y = (x - mean) * factor
         if offset is not None:
             y = y + offset
@@ -650,6 +659,7 @@ class BatchNormalization(keras.layers.Layer):
             None if beta is None else bc(beta, rank),
             r,
             d,
+            fold=True,
         )
 
         has_data = stats.count > 0
