@@ -713,12 +713,12 @@ class BatchNormalization(keras.layers.Layer):
             # r and d need the batch moments before the kernel runs; they
             # are constants for backprop, so folding them into the scale
             # and offset gives the kernel's exact BN gradient for x.
-            own = _moments.local_moments(x, None, [0, 1, 2], 3)
-            has_data = own.count > 0
-            mean = tf.where(has_data, own.mean, self.moving_mean)
-            variance = tf.where(
-                has_data, _moments.variance(own), self.moving_variance
-            )
+            # tf.nn.moments is two-pass (accurate for large means) and
+            # makes fewer passes over x than the general core here.
+            mean, variance = tf.nn.moments(tf.stop_gradient(x), [0, 1, 2])
+            has_data = tf.size(x) > 0
+            mean = tf.where(has_data, mean, self.moving_mean)
+            variance = tf.where(has_data, variance, self.moving_variance)
             r, d = self._renorm_correction(mean, variance, has_data)
             gamma, beta = gamma * r, gamma * d + beta
         y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
