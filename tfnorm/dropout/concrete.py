@@ -1,5 +1,6 @@
 """Concrete dropout: a dropout rate learned by gradient descent."""
 
+import copy
 import math
 
 import keras
@@ -206,6 +207,12 @@ class ConcreteDropout(RateVariableMixin, keras.layers.Wrapper):
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # Keras's Wrapper.from_config pops "layer" from the dict it is given;
+        # a copy leaves the caller's config intact.
+        return super().from_config(copy.deepcopy(config), custom_objects)
 
     def get_config(self):
         config = super().get_config()

@@ -1,0 +1,114 @@
+"""ConcreteDropout."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import reference_dropout as ref
+from tests.dropout.contract import check_dropout_contract
+from tfnorm.dropout import ConcreteDropout
+
+
+def test_contract(tmp_path):
+    x = np.random.default_rng(0).normal(size=(6, 7)).astype("float32")
+    check_dropout_contract(
+        lambda: ConcreteDropout(keras.layers.Dense(5), seed=1),
+        x,
+        tmp_path,
+        identity=False,
+    )
+
+
+def test_rate_is_a_weight():
+    layer = ConcreteDropout(keras.layers.Dense(2), initial_rate=0.2)
+    layer(np.ones((3, 4), "float32"), training=True)
+    names = {w.name: w for w in layer.weights}
+    assert names["rate_logit"].trainable
+    assert not names["rate"].trainable
+    assert abs(layer.rate - 0.2) < 1e-6
+    np.testing.assert_allclose(names["rate"].numpy(), 0.2, rtol=1e-6)
+
+
+def test_regularizer_matches_the_paper():
+    wr, dr, p = 1e-2, 1e-3, 0.3
+    inner = keras.layers.Dense(5)
+    layer = ConcreteDropout(
+        inner, weight_regularizer=wr, dropout_regularizer=dr, initial_rate=p
+    )
+    layer(np.ones((2, 7), "float32"))
+    kernel = np.asarray(inner.kernel, np.float64)
+    expected = wr * np.sum(kernel**2) / (1 - p) + dr * 7 * (
+        p * np.log(p) + (1 - p) * np.log(1 - p)
+    )
+    (loss,) = layer.losses
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_mean_matches_the_relaxation():
+    p, t = 0.2, 0.1
+    n = 1024
+    inner = keras.layers.Dense(n, use_bias=False, kernel_initializer="identity")
+    layer = ConcreteDropout(inner, initial_rate=p, temperature=t, seed=2)
+    y = np.asarray(layer(np.ones((400, n), "float32"), training=True))
+    expected = ref.concrete_keep_mean(p, t)
+    stderr = y.std() / np.sqrt(y.size)
+    assert abs(y.mean() - expected) < 4 * stderr, f"mean {y.mean()}"
+    # The relaxation keeps the mean within about 1% at t = 0.1.
+    assert abs(expected - 1) < 0.02
+
+
+def test_rate_is_learned():
+    layer = ConcreteDropout(keras.layers.Dense(3), seed=3)
+    x = tf.ones((16, 4))
+    with tf.GradientTape() as tape:
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(y**2) + tf.add_n(layer.losses)
+    grad = tape.gradient(loss, layer.rate_logit)
+    assert grad is not None and float(grad) != 0.0
+
+
+def test_inference_runs_the_layer_unchanged():
+    inner = keras.layers.Dense(3)
+    x = np.ones((2, 4), "float32")
+    layer = ConcreteDropout(inner)
+    np.testing.assert_array_equal(layer(x), inner(x))
+
+
+def test_layer_without_kernel_is_rejected():
+    inner = keras.layers.LayerNormalization(name="ln")
+    inner.build((None, 4))
+    message = (
+        "ConcreteDropout wraps a layer with a `kernel` weight, such as Dense, "
+        "EinsumDense, Conv2D or Conv2DTranspose (LoRA-enabled layers are not "
+        "supported). Received: layer=LayerNormalization(name='ln')"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ConcreteDropout(inner)
+
+
+@pytest.mark.parametrize("initial_rate", [0.0, 1.0, -0.5])
+def test_bad_initial_rate_is_rejected(initial_rate):
+    message = (
+        "`initial_rate` must be a number in the open range (0, 1): its logit "
+        f"is the initial weight. Received: initial_rate={initial_rate!r}"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ConcreteDropout(keras.layers.Dense(2), initial_rate=initial_rate)
+
+
+def test_bad_temperature_is_rejected():
+    message = "`temperature` must be a positive number. Received: temperature=0"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ConcreteDropout(keras.layers.Dense(2), temperature=0)
+
+
+def test_negative_regularizer_is_rejected():
+    message = (
+        "`weight_regularizer` must be a non-negative number. "
+        "Received: weight_regularizer=-1.0"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ConcreteDropout(keras.layers.Dense(2), weight_regularizer=-1.0)
