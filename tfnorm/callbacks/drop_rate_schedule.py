@@ -6,7 +6,6 @@ from tfnorm.dropout.base import RateVariableMixin
 from tfnorm.dropout.base import validate_rate
 
 
-@keras.saving.register_keras_serializable(package="tfnorm")
 class DropRateSchedule(keras.callbacks.Callback):
     """Sets the rate of tfnorm dropout layers at the start of every batch.
 
