@@ -28,6 +28,9 @@ def _batches(sizes, channels=3, seed=0):
 # The layers PreciseBN must handle, built fresh per test.
 LAYERS = {
     "keras": lambda: keras.layers.BatchNormalization(name="bn"),
+    "keras_renorm": lambda: keras.layers.BatchNormalization(
+        renorm=True, name="bn"
+    ),
     "plain": lambda: tfnorm.BatchNormalization(name="bn"),
     "ghost": lambda: tfnorm.BatchNormalization(virtual_batch_size=4, name="bn"),
     "renorm": lambda: tfnorm.BatchNormalization(
