@@ -1,0 +1,79 @@
+"""`tfnorm-zoo`: help everywhere, clear errors that list the valid choices."""
+
+import pytest
+
+from zoo import cli
+
+VARIANTS = "none, bn_before, bn_after, ghost, renorm, noisy_bn, bn_dropout"
+
+
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["run", "basic"],
+            "tfnorm-zoo run: error: argument NAME: unknown experiment "
+            "'basic'. Valid experiments: basics.",
+        ),
+        (
+            ["run", "--variants", "bn_before,batchnorm,ghost"],
+            "tfnorm-zoo run: error: argument --variants: unknown variant(s) "
+            f"'batchnorm'. Valid variants: {VARIANTS}.",
+        ),
+        (
+            ["run", "--variants", ","],
+            "tfnorm-zoo run: error: argument --variants: expected a "
+            f"comma-separated list of variant names. Valid variants: "
+            f"{VARIANTS}.",
+        ),
+        (
+            ["run", "--seeds", "0"],
+            "tfnorm-zoo run: error: argument --seeds: expected a positive "
+            "integer. Received: '0'",
+        ),
+        (
+            ["run", "--steps", "many"],
+            "tfnorm-zoo run: error: argument --steps: expected a positive "
+            "integer. Received: 'many'",
+        ),
+        (
+            ["train"],
+            "tfnorm-zoo: error: argument COMMAND: invalid choice: 'train' "
+            "(choose from 'list', 'run', 'report')",
+        ),
+    ],
+)
+def test_bad_names_and_values_list_the_valid_choices(capsys, argv, message):
+    assert _error(capsys, argv) == message
+
+
+def test_report_of_a_folder_without_runs_says_what_it_expected(
+    capsys, tmp_path
+):
+    assert _error(capsys, ["report", str(tmp_path)]) == (
+        f"tfnorm-zoo: error: No finished runs in {tmp_path}: expected "
+        "folders <variant>/seed_<n>/ with a result.json, as `tfnorm-zoo "
+        "run` writes them."
+    )
+
+
+@pytest.mark.parametrize("argv", [[], ["list"], ["run"], ["report"]])
+def test_help_everywhere(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv + ["--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: tfnorm-zoo")
+
+
+def test_list_shows_one_line_per_experiment(capsys):
+    assert cli.main(["list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("basics ")

@@ -1,0 +1,101 @@
+"""The training path: run folders, resume, divergence, TensorBoard tags."""
+
+import json
+
+import pytest
+from rich.console import Console
+
+from zoo import report
+from zoo import train
+
+
+def _quiet():
+    return Console(quiet=True)
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_an_interrupted_grid_resumes_without_losing_or_duplicating(
+    tmp_path, tiny
+):
+    experiment = tiny.replace(seeds=2)
+
+    def stop_after_first(result):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train.run_grid(
+            experiment, tmp_path, console=_quiet(), after_run=stop_after_first
+        )
+    exp_dir = tmp_path / experiment.folder
+    first = exp_dir / "none" / "seed_0"
+    assert train.is_finished(first)
+    assert not (exp_dir / "bn_before" / "seed_0").exists()
+    first_result = (first / "result.json").read_text()
+    first_events = sorted(p.name for p in first.glob("events.out.*"))
+
+    # A run killed mid-way leaves only a partial folder behind.
+    partial = exp_dir / "bn_before" / "seed_0.partial"
+    partial.mkdir(parents=True)
+    (partial / "metrics.jsonl").write_text('{"step": 1}\n')
+
+    _, trained, skipped = train.run_grid(experiment, tmp_path, console=_quiet())
+    assert (trained, skipped) == (3, 1)
+    assert (first / "result.json").read_text() == first_result
+    assert sorted(p.name for p in first.glob("events.out.*")) == first_events
+    assert not partial.exists()
+    folders = sorted(
+        str(p.relative_to(exp_dir)) for p in exp_dir.glob("*/seed_*")
+    )
+    assert folders == [
+        "bn_before/seed_0",
+        "bn_before/seed_1",
+        "none/seed_0",
+        "none/seed_1",
+    ]
+
+    # Once complete, the same command trains nothing.
+    _, trained, skipped = train.run_grid(experiment, tmp_path, console=_quiet())
+    assert (trained, skipped) == (0, 4)
+
+
+def test_a_finished_run_with_another_config_is_not_mixed_in(tmp_path, tiny):
+    experiment = tiny.replace(variants=("none",))
+    train.run_grid(experiment, tmp_path, console=_quiet())
+    with pytest.raises(ValueError) as info:
+        train.run_grid(experiment.replace(steps=9), tmp_path, console=_quiet())
+    run_dir = tmp_path / experiment.folder / "none" / "seed_0"
+    assert str(info.value) == (
+        f"{run_dir} holds a finished run with a different configuration "
+        "(steps=6 there, 9 now). Pick another --logdir, or delete that "
+        "folder to rerun it."
+    )
+
+
+def test_a_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, tiny):
+    # A learning rate this large sends the unnormalized net's loss to
+    # inf or NaN within a few steps.
+    experiment = tiny.replace(
+        variants=("none",), seeds=2, learning_rate=1e6, steps=30
+    )
+    train.run_grid(experiment, tmp_path, console=_quiet())
+    exp_dir = tmp_path / experiment.folder
+    results = [
+        json.loads((exp_dir / "none" / f"seed_{s}" / "result.json").read_text())
+        for s in (0, 1)
+    ]
+    for result in results:
+        assert result["status"] == "diverged"
+        assert 1 <= result["diverged_at"] < 30
+        assert result["steps_run"] == result["diverged_at"]
+
+    rows, _ = report.write_report(exp_dir)
+    steps = ", ".join(str(s) for s in sorted(r["diverged_at"] for r in results))
+    assert rows[0].diverged_text == f"2/2 (at step {steps})"
+    assert rows[0].accuracy_text == "—"
+    assert (
+        f"| none | — | never (0/2) | 2/2 (at step {steps}) |"
+        in (exp_dir / "report.md").read_text()
+    )

@@ -1,0 +1,288 @@
+"""Aggregation over seeds: a table, a plot and `report.md`.
+
+The report reads finished run folders only (`config.json`, `result.json`,
+`metrics.jsonl`), never live objects, so it can summarize old runs as
+well as the grid that just finished: `tfnorm-zoo report runs/basics`.
+"""
+
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+REPORT_FILE = "report.md"
+PLOT_FILE = "val_accuracy.png"
+
+
+@dataclasses.dataclass
+class Run:
+    config: dict
+    result: dict
+    # [(step, val accuracy)] in step order.
+    val_curve: list
+
+
+@dataclasses.dataclass
+class Row:
+    """One variant's line in the table."""
+
+    variant: str
+    runs: int
+    accuracies: list
+    reached: list
+    diverged_at: list
+    threshold: float
+
+    @property
+    def accuracy_text(self):
+        n = len(self.accuracies)
+        if n == 0:
+            return "—"
+        mean = statistics.fmean(self.accuracies)
+        if n == 1:
+            return f"{mean:.3f} (n=1)"
+        std = statistics.stdev(self.accuracies)
+        return f"{mean:.3f} ± {std:.3f} (n={n})"
+
+    @property
+    def steps_text(self):
+        if not self.reached:
+            return f"never (0/{self.runs})"
+        mean = statistics.fmean(self.reached)
+        return f"{mean:.0f} ({len(self.reached)}/{self.runs})"
+
+    @property
+    def diverged_text(self):
+        if not self.diverged_at:
+            return f"0/{self.runs}"
+        steps = ", ".join(str(s) for s in sorted(self.diverged_at))
+        return f"{len(self.diverged_at)}/{self.runs} (at step {steps})"
+
+
+def load_runs(exp_dir):
+    """Every finished run under `exp_dir`, in a stable order."""
+    runs = []
+    for result_file in sorted(Path(exp_dir).glob("*/seed_*/result.json")):
+        run_dir = result_file.parent
+        curve = []
+        with open(run_dir / "metrics.jsonl") as lines:
+            for line in lines:
+                record = json.loads(line)
+                if "val/accuracy" in record:
+                    curve.append((record["step"], record["val/accuracy"]))
+        runs.append(
+            Run(
+                config=json.loads((run_dir / "config.json").read_text()),
+                result=json.loads(result_file.read_text()),
+                val_curve=curve,
+            )
+        )
+    return runs
+
+
+def _variant_order(names):
+    # The registry's order reads from the baseline to the variations;
+    # unknown names (from another version of the zoo) go last.
+    from zoo import models
+
+    known = [name for name in models.VARIANTS if name in names]
+    return known + sorted(set(names) - set(known))
+
+
+def summarize(runs):
+    """One `Row` per variant over its seeds."""
+    by_variant = {}
+    for run in runs:
+        by_variant.setdefault(run.result["variant"], []).append(run)
+    rows = []
+    for variant in _variant_order(by_variant):
+        group = by_variant[variant]
+        threshold = group[0].config["threshold"]
+        accuracies, reached, diverged_at = [], [], []
+        for run in group:
+            if run.result["status"] == "diverged":
+                diverged_at.append(run.result["diverged_at"])
+                continue
+            accuracies.append(run.result["final_val_accuracy"])
+            hits = [step for step, acc in run.val_curve if acc >= threshold]
+            if hits:
+                reached.append(hits[0])
+        rows.append(
+            Row(
+                variant, len(group), accuracies, reached, diverged_at, threshold
+            )
+        )
+    return rows
+
+
+def _headers(rows, runs):
+    threshold = rows[0].threshold if rows else 0.0
+    steps = runs[0].config["steps"] if runs else 0
+    return (
+        "variant",
+        f"val accuracy at step {steps}",
+        f"steps to {threshold:.0%} val accuracy",
+        "diverged",
+    )
+
+
+def markdown_table(rows, runs):
+    headers = _headers(rows, runs)
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
+    for row in rows:
+        cells = (row.variant, row.accuracy_text, row.steps_text)
+        lines.append("| " + " | ".join(cells + (row.diverged_text,)) + " |")
+    return "\n".join(lines)
+
+
+def rich_table(rows, runs, title=None):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for header in _headers(rows, runs):
+        table.add_column(header)
+    for row in rows:
+        table.add_row(
+            row.variant, row.accuracy_text, row.steps_text, row.diverged_text
+        )
+    return table
+
+
+def plot(runs, rows, path):
+    """Validation accuracy per variant: mean over seeds with a ±1 std band.
+
+    Diverged runs are left out of the curves (their accuracy after the
+    divergence is meaningless); the table counts them.
+    """
+    import matplotlib
+
+    # A file backend: the zoo runs on machines without a display.
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plotted = 0
+    for row in rows:
+        curves = [
+            dict(run.val_curve)
+            for run in runs
+            if run.result["variant"] == row.variant
+            and run.result["status"] == "completed"
+        ]
+        if not curves:
+            continue
+        # Seeds share the evaluation schedule; keep the common steps only.
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = np.array([[c[s] for s in steps] for c in curves])
+        mean = values.mean(axis=0)
+        plotted += 1
+        (line,) = ax.plot(steps, mean, label=f"{row.variant} (n={len(curves)})")
+        if len(curves) > 1:
+            std = values.std(axis=0, ddof=1)
+            ax.fill_between(
+                steps,
+                np.clip(mean - std, 0.0, 1.0),
+                np.clip(mean + std, 0.0, 1.0),
+                color=line.get_color(),
+                alpha=0.2,
+            )
+    if rows:
+        ax.axhline(rows[0].threshold, color="grey", linestyle=":", lw=1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(alpha=0.3)
+    if plotted:
+        ax.legend(loc="lower right", fontsize="small")
+    else:
+        ax.set_title("no run finished without diverging")
+    fig.tight_layout()
+    # Saved under a temporary name and renamed, like every result file.
+    partial = Path(path).with_suffix(".partial.png")
+    fig.savefig(partial, dpi=120)
+    plt.close(fig)
+    os.replace(partial, path)
+
+
+def tensorboard_command(exp_dir):
+    """The command that opens `exp_dir` in TensorBoard from this shell.
+
+    Inside a virtual environment that is not activated, `tensorboard` is
+    not on the PATH; the command then names the environment's own script,
+    relative to the current directory when it lies below it.
+    """
+    program = "tensorboard"
+    script = Path(sys.executable).parent / "tensorboard"
+    on_path = shutil.which("tensorboard")
+    if script.exists() and (
+        on_path is None or Path(on_path).resolve() != script.resolve()
+    ):
+        relative = os.path.relpath(script)
+        program = str(script) if relative.startswith("..") else relative
+    return f"{program} --logdir {shlex.quote(str(exp_dir))}"
+
+
+def write_report(exp_dir):
+    """Writes `report.md` and the plot into `exp_dir`.
+
+    Returns:
+        `(rows, runs)`, for printing the table.
+
+    Raises:
+        FileNotFoundError: when `exp_dir` holds no finished run.
+    """
+    exp_dir = Path(exp_dir)
+    runs = load_runs(exp_dir)
+    if not runs:
+        raise FileNotFoundError(
+            f"No finished runs in {exp_dir}: expected folders "
+            "<variant>/seed_<n>/ with a result.json, as `tfnorm-zoo run` "
+            "writes them."
+        )
+    rows = summarize(runs)
+    plot(runs, rows, exp_dir / PLOT_FILE)
+
+    config = runs[0].config
+    seeds = sorted({run.result["seed"] for run in runs})
+    train_s = sum(run.result["wall_s"] for run in runs)
+    hidden = config["hidden_units"]
+    text = [
+        f"# {config['name']}",
+        "",
+        f"{len(runs)} runs ({len(rows)} variants, seeds "
+        f"{', '.join(map(str, seeds))}) on `{config['dataset']}`: an MLP with "
+        f"{len(hidden)} hidden layers of {hidden[0]} units "
+        f"({config['activation']}), SGD at learning rate "
+        f"{config['learning_rate']}, batch {config['batch_size']}, "
+        f"{config['steps']} steps. Training took {train_s:.0f} s in total.",
+        "",
+        markdown_table(rows, runs),
+        "",
+        "Validation accuracy: mean ± sample standard deviation over the n "
+        "seeds that did not diverge, at the last step. Steps to the "
+        "threshold: first evaluation (every "
+        f"{config['eval_every']} steps) at or above it, mean over the seeds "
+        "that reached it (count in brackets). Diverged: runs whose training "
+        "loss became non-finite, and at which step.",
+        "",
+        f"![validation accuracy per variant]({PLOT_FILE})",
+        "",
+        "Curves, pre-activation histograms and the HPARAMS comparison:",
+        "",
+        "```",
+        tensorboard_command(exp_dir),
+        "```",
+        "",
+    ]
+    partial = exp_dir / (REPORT_FILE + ".partial")
+    partial.write_text("\n".join(text))
+    os.replace(partial, exp_dir / REPORT_FILE)
+    return rows, runs
