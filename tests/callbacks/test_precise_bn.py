@@ -134,30 +134,43 @@ def _two_bn_model(first, dropout_rate=0.5):
     return keras.Model(inputs, outputs)
 
 
-@pytest.mark.parametrize("virtual_batch_size", [None, 4])
-def test_second_layer_sees_training_mode_input_without_dropout(
-    virtual_batch_size,
-):
+FIRST_LAYERS = {
+    "plain": {},
+    "ghost": {"virtual_batch_size": 4},
+    # Renorm with far-off statistics and a fast momentum: its output
+    # depends on the state, which must be the same for every batch.
+    "renorm": {
+        "renorm": True,
+        "renorm_momentum": 0.5,
+        "renorm_clipping": {"rmax": 2.0, "rmin": 0.5, "dmax": 1.0},
+    },
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FIRST_LAYERS))
+def test_second_layer_sees_training_mode_input_without_dropout(kind):
+    options = FIRST_LAYERS[kind]
     batches = _batches([10, 12, 6])
     model = _two_bn_model(
         lambda name: tfnorm.BatchNormalization(
-            virtual_batch_size=virtual_batch_size,
-            beta_initializer="ones",
-            name=name,
+            beta_initializer="ones", name=name, **options
         )
     )
+    state = ref.initial_state(3, renorm=kind == "renorm")
+    if kind == "renorm":
+        state["renorm_mean"] = np.array([2.0, -2.0, 0.0])
+        state["renorm_stddev"] = np.array([0.5, 4.0, 1.0])
+        bn1 = model.get_layer("bn1")
+        bn1.renorm_mean.assign(state["renorm_mean"])
+        bn1.renorm_stddev.assign(state["renorm_stddev"])
     tfnorm.precise_bn(model, batches)
 
     kernel, bias = (w.numpy() for w in model.get_layer("dense").weights)
     inputs = []
     for b in batches:
-        # bn1 in training mode: batch (or ghost-batch) statistics.
-        y, _ = ref.bn_train(
-            b,
-            ref.initial_state(3),
-            beta=np.ones(3),
-            virtual_batch_size=virtual_batch_size,
-        )
+        # bn1 in training mode (batch, ghost-batch or renormalized
+        # statistics) from the same frozen state for every batch.
+        y, _ = ref.bn_train(b, state, beta=np.ones(3), **options)
         # Dropout off: bn2's input is the dense output as it is.
         inputs.append(y @ kernel.astype(np.float64) + bias)
     _, mean1, var1 = ref.bn_moments(np.concatenate(batches))

@@ -153,10 +153,10 @@ def precise_bn(model, dataset, num_batches=200):
     stochastic layers are off, while every BN layer (temporarily patched)
     records the moments of its input and then passes on its own
     training-mode output, normalized with the batch statistics (per ghost
-    batch for ghost layers). Trainable weights, optimizer state and every
-    other variable are left unchanged; the moving statistics that these
-    training-mode calls update are restored before the final ones are
-    assigned.
+    batch for ghost layers). Every batch meets the same, frozen state:
+    the statistics that these training-mode calls update are restored
+    after each batch (renorm outputs depend on them), and trainable
+    weights, optimizer state and every other variable are left unchanged.
 
     Args:
         model: A Keras model (or layer) containing BN layers.
@@ -225,6 +225,11 @@ def precise_bn(model, dataset, num_batches=200):
         for x in _iterate(dataset, num_batches):
             model(x, training=False)
             used += 1
+            # Weights frozen means every batch meets the same state: a
+            # renorm layer's output depends on its renorm statistics, which
+            # the training-mode call just moved.
+            for variable, value in saved:
+                variable.assign(value)
     finally:
         for layer in patched:
             object.__delattr__(layer, "call")
