@@ -385,12 +385,15 @@ def run_grid(experiment, logdir, console=None, command=None, after_run=None):
         else:
             todo.append((variant, seed))
     skipped = len(runs) - len(todo)
+    write_hparams_config(exp_dir, experiment)
+    if not todo:
+        console.print(f"All {len(runs)} runs already finished in {exp_dir}.")
+        return exp_dir, 0, skipped
     if skipped:
         console.print(
             f"{skipped} of {len(runs)} runs already finished in {exp_dir}; "
             f"training the remaining {len(todo)}."
         )
-    write_hparams_config(exp_dir, experiment)
 
     progress = Progress(
         TextColumn("{task.description}"),

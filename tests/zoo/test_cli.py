@@ -77,3 +77,22 @@ def test_list_shows_one_line_per_experiment(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("basics ")
+
+
+def test_ctrl_c_keeps_finished_runs_and_says_how_to_resume(
+    capsys, monkeypatch, tmp_path
+):
+    from zoo import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_grid", interrupted)
+    assert cli.main(["run", "--smoke", "--logdir", str(tmp_path)]) == 130
+    assert (
+        capsys.readouterr().out.split()
+        == (
+            "Interrupted. Finished runs are kept; run the same command again "
+            "to train the missing ones."
+        ).split()
+    )
