@@ -28,6 +28,24 @@ def test_batch_1_in_training(virtual_batch_size):
     np.testing.assert_array_equal(y, np.ones((1, 3)))
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"renorm": True}, {"virtual_batch_size": 2}]
+)
+def test_single_element_per_channel_4d(kwargs):
+    # One example of 1x1 pixels: the fused kernel's Bessel variance is
+    # 0 / 0 here; the step must still give beta and finite statistics.
+    layer = tfnorm.BatchNormalization(**kwargs)
+    x = _data((1, 1, 1, 3), loc=2.0)
+    y = layer(x, training=True).numpy()
+    # Plain and ghost give beta = 0; unclipped renorm adds d = x here.
+    y_ref, _ = ref.bn_train(
+        x, ref.initial_state(3, kwargs.get("renorm", False)), **kwargs
+    )
+    np.testing.assert_allclose(y, y_ref, atol=1e-6)
+    for w in layer.weights:
+        assert np.all(np.isfinite(w.numpy())), w.path
+
+
 def test_ghost_group_of_one_example_gives_beta():
     layer = tfnorm.BatchNormalization(
         virtual_batch_size=3, beta_initializer="ones"

@@ -713,10 +713,24 @@ class BatchNormalization(keras.layers.Layer):
             # r and d need the batch moments before the kernel runs; they
             # are constants for backprop, so folding them into the scale
             # and offset gives the kernel's exact BN gradient for x.
-            # tf.nn.moments is two-pass (accurate for large means) and
-            # makes fewer passes over x than the general core here.
-            mean, variance = tf.nn.moments(tf.stop_gradient(x), [0, 1, 2])
-            has_data = tf.size(x) > 0
+            # A first kernel call only for the batch moments: measured
+            # faster than tf.nn.moments, and two-pass like it.
+            _, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                x=tf.stop_gradient(x),
+                scale=tf.ones([channels], x.dtype),
+                offset=tf.zeros([channels], x.dtype),
+                mean=tf.zeros([0], x.dtype),
+                variance=tf.zeros([0], x.dtype),
+                epsilon=self.epsilon,
+                is_training=True,
+            )
+            n = tf.cast(tf.size(x) // channels, x.dtype)
+            # Bessel-corrected m2 / (n - 1) back to m2 / n; one element
+            # has variance 0 (the kernel's 0 / 0 is not).
+            variance = tf.where(
+                n > 1, variance * (n - 1.0) / n, tf.zeros_like(variance)
+            )
+            has_data = n > 0
             mean = tf.where(has_data, mean, self.moving_mean)
             variance = tf.where(has_data, variance, self.moving_variance)
             r, d = self._renorm_correction(mean, variance, has_data)
