@@ -164,8 +164,9 @@ def basics():
 
     Command: `tfnorm-zoo run basics` (or just `tfnorm-zoo`).
 
-    Measured: 4 min 08 s for the 21 runs on 2 CPU cores shared with
-    other jobs. Validation accuracy at step 600, mean ± std over 3 seeds:
+    Measured: 2 min 34 s for the 21 runs on 2 CPU cores (4 min 08 s while
+    other jobs' tests shared them); two runs gave the same numbers to the
+    last digit. Validation accuracy at step 600, mean ± std over 3 seeds:
     none 0.100 (two seeds stuck at chance, one diverged at step 13),
     bn_before 0.941 ± 0.004, bn_after 0.927 ± 0.011, ghost 0.940 ± 0.002,
     renorm 0.955 ± 0.002, noisy_bn 0.935 ± 0.003, bn_dropout 0.942 ±
