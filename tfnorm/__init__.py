@@ -5,6 +5,7 @@ Public layers are re-exported here; families live in their own subpackages
 """
 
 from tfnorm import callbacks
+from tfnorm import diagnostics
 from tfnorm.callbacks.precise_bn import precise_bn
 from tfnorm.dropout import ConcreteDropout
 from tfnorm.dropout import DropBlock1D
@@ -31,6 +32,7 @@ __all__ = [
     "GhostBatchNormalization",
     "Uout",
     "callbacks",
+    "diagnostics",
     "mc_predict",
     "precise_bn",
     "stochastic_depth_rates",
