@@ -94,7 +94,7 @@ def _make_ics_function(model, loss_fn, plan):
             )
         return tf.stack(rows)
 
-    return tf.function(ics, reduce_retracing=True)
+    return tf.function(ics, reduce_retracing=True, autograph=False)
 
 
 def internal_covariate_shift(

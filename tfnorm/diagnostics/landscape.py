@@ -25,15 +25,18 @@ def check_step_sizes(step_sizes):
     return values
 
 
-def _make_landscape_function(model, loss_fn, count):
+def _make_landscape_function(model, loss_fn):
     everything = range(len(model.trainable_variables))
 
     def landscape(trainable, non_trainable, x, y, step_sizes):
         value, grads = _common.loss_and_grads(
             model, loss_fn, trainable, non_trainable, x, y, everything
         )
-        losses, changes = [], []
-        for k in range(count):
+        count = tf.shape(step_sizes)[0]
+
+        # A graph loop rather than one copy of the model per step size:
+        # tracing and graph optimization then cost one evaluation, not 8.
+        def body(k, losses, changes):
             eta = step_sizes[k]
             moved = [
                 t - tf.cast(eta, t.dtype) * g
@@ -42,20 +45,32 @@ def _make_landscape_function(model, loss_fn, count):
             moved_value, moved_grads = _common.loss_and_grads(
                 model, loss_fn, moved, non_trainable, x, y, everything
             )
-            losses.append(tf.cast(moved_value, tf.float64))
-            changes.append(
-                _common.sum_squares(
-                    [a - b for a, b in zip(moved_grads, grads, strict=True)]
-                )
+            change = _common.sum_squares(
+                [a - b for a, b in zip(moved_grads, grads, strict=True)]
             )
+            return (
+                k + 1,
+                losses.write(k, tf.cast(moved_value, tf.float64)),
+                changes.write(k, change),
+            )
+
+        _, losses, changes = tf.while_loop(
+            lambda k, *_: k < count,
+            body,
+            (
+                tf.constant(0),
+                tf.TensorArray(tf.float64, size=count),
+                tf.TensorArray(tf.float64, size=count),
+            ),
+        )
         return (
             tf.cast(value, tf.float64),
             _common.sum_squares(grads),
-            tf.stack(losses),
-            tf.stack(changes),
+            losses.stack(),
+            changes.stack(),
         )
 
-    return tf.function(landscape, reduce_retracing=True)
+    return tf.function(landscape, reduce_retracing=True, autograph=False)
 
 
 def loss_landscape(model, x, y, step_sizes=DEFAULT_STEP_SIZES, loss=None):
@@ -118,8 +133,8 @@ def loss_landscape(model, x, y, step_sizes=DEFAULT_STEP_SIZES, loss=None):
     loss_fn = _common.resolve_loss(model, loss)
     function = _common.cached(
         model,
-        ("landscape", loss_fn, len(steps)),
-        lambda: _make_landscape_function(model, loss_fn, len(steps)),
+        ("landscape", loss_fn, None),
+        lambda: _make_landscape_function(model, loss_fn),
     )
     trainable, non_trainable = _common.current_values(model)
     value, grad2, losses, changes2 = function(

@@ -124,7 +124,7 @@ def _make_stats_function(model, tracked):
             results[name] = entry
         return results
 
-    return tf.function(stats, reduce_retracing=True)
+    return tf.function(stats, reduce_retracing=True, autograph=False)
 
 
 def _summary(values, prefix):

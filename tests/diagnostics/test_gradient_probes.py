@@ -1,0 +1,126 @@
+"""ICS and the landscape probe against the closed forms of a linear chain."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.diagnostics import reference_diagnostics as ref
+from tfnorm import diagnostics
+
+SIZES = (5, 4, 3, 2)
+
+
+def _mse(y_true, y_pred):
+    return tf.reduce_mean(tf.square(y_pred - y_true))
+
+
+def _chain(seed=0, sizes=SIZES):
+    """A float64 affine chain, its weights and a batch, all float64."""
+    rng = np.random.default_rng(seed)
+    layers = [
+        keras.layers.Dense(
+            units,
+            dtype="float64",
+            name=f"linear{i}",
+            kernel_initializer=keras.initializers.RandomNormal(
+                stddev=0.7, seed=seed + i
+            ),
+            bias_initializer=keras.initializers.RandomNormal(seed=seed + 9),
+        )
+        for i, units in enumerate(sizes[1:])
+    ]
+    model = keras.Sequential([keras.Input((sizes[0],), dtype="float64")])
+    for layer in layers:
+        model.add(layer)
+    params = [(lay.kernel.numpy(), lay.bias.numpy()) for lay in layers]
+    x = rng.standard_normal((16, sizes[0]))
+    t = rng.standard_normal((16, sizes[-1]))
+    return model, params, x, t
+
+
+def test_ics_matches_closed_form():
+    model, params, x, t = _chain()
+    shift = diagnostics.internal_covariate_shift(
+        model, x, t, learning_rate=0.3, loss=_mse
+    )
+    expected = ref.chain_ics(x, t, params, 0.3)
+    assert list(shift) == ["linear0", "linear1", "linear2"]
+    # Nothing precedes the first layer: its gradient cannot move.
+    assert shift["linear0"]["l2"] == 0.0
+    assert shift["linear0"]["cosine"] == pytest.approx(1.0, abs=1e-12)
+    for name, (l2, relative, cosine) in zip(
+        ["linear1", "linear2"], expected[1:], strict=True
+    ):
+        assert l2 > 1e-3
+        np.testing.assert_allclose(shift[name]["l2"], l2, rtol=1e-9)
+        np.testing.assert_allclose(shift[name]["relative"], relative, 1e-9)
+        np.testing.assert_allclose(shift[name]["cosine"], cosine, 1e-9)
+    g = ref.chain_loss_and_grads(x, t, params)[1][2][0]
+    np.testing.assert_allclose(
+        shift["linear2"]["grad_norm"], np.linalg.norm(g), rtol=1e-12
+    )
+
+
+def test_ics_uses_the_optimizers_current_rate_and_compiled_loss():
+    model, params, x, t = _chain(seed=3)
+    model.compile(keras.optimizers.SGD(0.05), loss=_mse)
+    shift = diagnostics.internal_covariate_shift(model, x, t)
+    # The optimizer holds its rate in float32.
+    expected = ref.chain_ics(x, t, params, float(np.float32(0.05)))
+    np.testing.assert_allclose(shift["linear2"]["l2"], expected[2][0], 1e-9)
+    # A subset probes only the named layers, with the same values.
+    only = diagnostics.internal_covariate_shift(model, x, t, layers=["linear2"])
+    assert list(only) == ["linear2"]
+    assert only["linear2"] == shift["linear2"]
+
+
+def test_ics_grows_linearly_for_small_rates():
+    # G' - G is first order in the step: halving the rate halves it.
+    model, _, x, t = _chain(seed=5)
+    small = diagnostics.internal_covariate_shift(
+        model, x, t, learning_rate=1e-4, loss=_mse
+    )
+    smaller = diagnostics.internal_covariate_shift(
+        model, x, t, learning_rate=5e-5, loss=_mse
+    )
+    ratio = small["linear2"]["l2"] / smaller["linear2"]["l2"]
+    assert ratio == pytest.approx(2.0, rel=1e-3)
+
+
+def test_landscape_matches_closed_form():
+    model, params, x, t = _chain(seed=1)
+    probe = diagnostics.loss_landscape(model, x, t, loss=_mse)
+    steps = np.linspace(0.05, 0.4, 8)
+    loss, grad_norm, losses, changes, ratios = ref.chain_landscape(
+        x, t, params, steps
+    )
+    np.testing.assert_allclose(probe["step_sizes"], steps, rtol=1e-15)
+    np.testing.assert_allclose(probe["loss"], loss, rtol=1e-12)
+    np.testing.assert_allclose(probe["grad_norm"], grad_norm, rtol=1e-12)
+    np.testing.assert_allclose(probe["losses"], losses, rtol=1e-10)
+    np.testing.assert_allclose(probe["grad_changes"], changes, rtol=1e-9)
+    np.testing.assert_allclose(probe["beta_ratios"], ratios, rtol=1e-9)
+    assert probe["loss_min"] == min(probe["losses"])
+    assert probe["loss_max"] == max(probe["losses"])
+    assert probe["grad_change_min"] == min(probe["grad_changes"])
+    assert probe["grad_change_max"] == max(probe["grad_changes"])
+    np.testing.assert_allclose(probe["beta_smoothness"], max(ratios), 1e-9)
+
+
+def test_landscape_of_a_quadratic_has_its_exact_smoothness():
+    # One linear layer without bias: L(K) = mean((x K - t)^2) is quadratic,
+    # g_eta - g = -eta H g, so every ratio is ||H g|| / ||g|| exactly.
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((32, 3))
+    t = rng.standard_normal((32, 1))
+    layer = keras.layers.Dense(1, use_bias=False, dtype="float64")
+    model = keras.Sequential([keras.Input((3,), dtype="float64"), layer])
+    kernel = layer.kernel.numpy()
+    hessian = 2.0 * x.T @ x / x.shape[0]
+    g = hessian @ kernel - 2.0 * x.T @ t / x.shape[0]
+    expected = np.linalg.norm(hessian @ g) / np.linalg.norm(g)
+    probe = diagnostics.loss_landscape(
+        model, x, t, step_sizes=[0.01, 0.1], loss=_mse
+    )
+    np.testing.assert_allclose(probe["beta_ratios"], [expected] * 2, 1e-10)
