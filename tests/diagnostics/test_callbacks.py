@@ -1,0 +1,121 @@
+"""The callbacks probe at the requested period and write their tags."""
+
+import glob
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tfnorm
+from tfnorm import diagnostics
+
+
+def _setup():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(6, name="d0"),
+            tfnorm.BatchNormalization(name="bn"),
+            keras.layers.Dropout(0.2, seed=1, name="drop"),
+            keras.layers.Dense(2, name="d1"),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((48, 4)).astype("float32")
+    y = rng.standard_normal((48, 2)).astype("float32")
+    return model, x, y
+
+
+def _events(log_dir):
+    """{tag: [steps]} read back from the event files."""
+    tags = {}
+    for path in glob.glob(
+        os.path.join(log_dir, "**", "events.*"), recursive=True
+    ):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def test_each_callback_writes_its_tags_every_period(tmp_path):
+    model, x, y = _setup()
+    ics = diagnostics.InternalCovariateShiftCallback(
+        (x[:16], y[:16]), period=2, log_dir=tmp_path / "ics"
+    )
+    landscape = diagnostics.LossLandscapeCallback(
+        (x[:16], y[:16]),
+        period=3,
+        step_sizes=[0.1, 0.2],
+        log_dir=tmp_path / "l",
+    )
+    stats = diagnostics.LayerStatisticsCallback(
+        x[:16], period=2, log_dir=tmp_path / "s"
+    )
+    # 6 steps per epoch, 2 epochs: the optimizer step counts across epochs.
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        verbose=0,
+        callbacks=[ics, landscape, stats],
+    )
+    every_2 = [2, 4, 6, 8, 10, 12]
+    tags = _events(str(tmp_path / "ics"))
+    assert sorted(tags) == [
+        f"diagnostics/ics/{layer}/{key}"
+        for layer in ("d0", "d1")
+        for key in ("cosine", "l2", "relative")
+    ]
+    assert all(steps == every_2 for steps in tags.values())
+    assert [step for step, _ in ics.history] == every_2
+
+    tags = _events(str(tmp_path / "l"))
+    assert sorted(tags) == [
+        f"diagnostics/landscape/{key}"
+        for key in (
+            "beta_smoothness",
+            "grad_change_max",
+            "grad_change_min",
+            "loss",
+            "loss_max",
+            "loss_min",
+            "loss_range",
+        )
+    ]
+    assert all(steps == [3, 6, 9, 12] for steps in tags.values())
+
+    tags = _events(str(tmp_path / "s"))
+    for tag in (
+        "diagnostics/layers/d0/output_std",
+        "diagnostics/layers/bn/moving_variance_mean",
+        "diagnostics/layers/drop/drop_rate",
+    ):
+        assert tags[tag] == every_2
+    # Drift needs a previous probe: from the second one on.
+    assert tags["diagnostics/layers/bn/output_mean_drift"] == every_2[1:]
+    assert stats.history[-1][1]["drop"]["rate"] == np.float32(0.2)
+
+
+def test_default_writer_and_a_dataset_of_batches(tmp_path):
+    model, x, y = _setup()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    ics = diagnostics.InternalCovariateShiftCallback(
+        dataset, period=3, layers=["d1"]
+    )
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ics])
+    writer.flush()
+    assert _events(str(tmp_path)) == {
+        "diagnostics/ics/d1/l2": [3, 6],
+        "diagnostics/ics/d1/relative": [3, 6],
+        "diagnostics/ics/d1/cosine": [3, 6],
+    }
+    # The second probe drew the dataset's second batch.
+    first, second = (result["d1"]["l2"] for _, result in ics.history)
+    assert first != second
