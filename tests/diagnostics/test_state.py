@@ -115,3 +115,37 @@ def test_callbacks_leave_training_unchanged():
         if probed:
             assert [s for s, _ in callbacks[0].history] == [1, 2, 3, 4]
     _assert_same(*runs)
+
+
+def test_probes_leave_a_fused_path_conv_model_unchanged():
+    # 4D channels-last float32 inputs take tfnorm's fused BN kernel, which
+    # updates the moving statistics on its own code path.
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(4, 3, name="conv"),
+            tfnorm.BatchNormalization(
+                renorm=True, renorm_clipping={"rmax": 2.0}, name="renorm"
+            ),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, name="out"),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 6, 6, 2)).astype("float32")
+    y = rng.standard_normal((8, 2)).astype("float32")
+    model.fit(x, y, batch_size=4, verbose=0, shuffle=False)
+    before = _state(model)
+    shift = diagnostics.internal_covariate_shift(model, x, y)
+    diagnostics.loss_landscape(model, x, y, step_sizes=[0.1])
+    stats = diagnostics.layer_statistics(model, x)
+    _assert_same(before, _state(model))
+    assert shift["out"]["l2"] > 0
+    np.testing.assert_allclose(
+        stats["renorm"]["per_unit"]["input_mean"],
+        model.get_layer("conv")(x).numpy().mean(axis=(0, 1, 2)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
