@@ -25,7 +25,7 @@ holds per probe only for `layer_stats`; for the gradient probes it holds
 amortized over the probing period (column `per_step@25`, the overhead per
 training step when probing every 25 steps).
 
-Run (about 1 minute on 2 CPU cores with --quick):
+Run (about 40 s on 2 CPU cores with --quick, 3 minutes without):
 
     python benchmarks/bench_diagnostics.py --quick
 """
