@@ -340,3 +340,45 @@ def test_empty_4d_batch_in_graph_mode_leaves_statistics():
     assert run(np.zeros((0, 3, 3, 4), "float32")).shape == (0, 3, 3, 4)
     for a, b in zip(before, _moving(layer), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int32"])
+def test_integer_inputs_are_normalized_in_float32(dtype):
+    x = np.random.default_rng(0).integers(0, 255, (16, 6, 6, 1))
+    x = x.astype(dtype)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 1), dtype=dtype),
+            tfnorm.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile("sgd", "mse")
+    model.fit(x, np.ones((16, 1)), batch_size=8, verbose=0)
+    layer = tfnorm.BatchNormalization(momentum=0.0)
+    y = layer(x, training=True)
+    assert y.dtype == tf.float32
+    _, mean, var = ref.bn_moments(x)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        layer(x).numpy(),
+        ref.bn_inference(x, {"moving_mean": mean, "moving_variance": var}),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"renorm": True}, {"virtual_batch_size": 2}]
+)
+def test_full_half_precision_policy_on_4d_inputs(dtype, kwargs):
+    # Variables are half precision too under these policies; the float32
+    # statistics must be cast where they meet them.
+    x = _data((4, 3, 3, 2), loc=1.0).astype(dtype)
+    layer = tfnorm.BatchNormalization(dtype=dtype, **kwargs)
+    y = layer(x, training=True)
+    assert y.dtype == tf.as_dtype(dtype)
+    for w in layer.weights:
+        assert np.all(np.isfinite(np.asarray(w.numpy(), "float32")))

@@ -219,7 +219,7 @@ def test_scheduled_clipping_survives_save_and_load(tmp_path):
 def test_config_written_by_tf_keras_loads_with_warning():
     tf_keras = pytest.importorskip("tf_keras")
     old = tf_keras.layers.BatchNormalization(
-        axis=[1],
+        axis=1,
         momentum=0.9,
         virtual_batch_size=2,
         renorm=True,
@@ -247,7 +247,10 @@ def test_config_written_by_tf_keras_loads_with_warning():
 
 def test_plain_tf_keras_config_loads():
     tf_keras = pytest.importorskip("tf_keras")
-    config = tf_keras.layers.BatchNormalization().get_config()
+    old = tf_keras.layers.BatchNormalization()
+    old(np.zeros((2, 3), "float32"))
+    config = old.get_config()
+    assert list(config["axis"]) == [1]  # built: a list of positive axes
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         layer = tfnorm.BatchNormalization.from_config(config)
@@ -258,3 +261,73 @@ def test_plain_tf_keras_config_loads():
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize(
+    "axis,shape,expected",
+    [(-1, (8, 3, 3, 4), 3), (1, (8, 3, 5, 4), 1)],
+)
+def test_built_tf_keras_ghost_config_loads_the_right_axis(
+    axis, shape, expected
+):
+    # A built tf-keras ghost layer saves its axes shifted by one for the
+    # ghost dimension it inserts ([4] for channels last on 4D inputs).
+    tf_keras = pytest.importorskip("tf_keras")
+    old = tf_keras.layers.BatchNormalization(axis=axis, virtual_batch_size=4)
+    old(np.zeros(shape, "float32"))
+    layer = tfnorm.BatchNormalization.from_config(old.get_config())
+    assert layer.axis == expected
+    layer.build(shape)
+    assert layer.gamma.shape == (shape[expected],)
+
+
+def test_tf_keras_config_with_mixed_policy_loads():
+    tf_keras = pytest.importorskip("tf_keras")
+    old = tf_keras.layers.BatchNormalization(dtype="mixed_float16")
+    layer = tfnorm.BatchNormalization.from_config(old.get_config())
+    assert layer.dtype_policy.name == "mixed_float16"
+
+
+def test_numpy_scalars_are_accepted_like_keras():
+    layer = tfnorm.BatchNormalization(
+        axis=np.int64(1),
+        momentum=np.float32(0.9),
+        epsilon=np.float32(1e-3),
+        virtual_batch_size=np.int64(2),
+        renorm=True,
+        renorm_clipping={"rmax": np.float64(2.0)},
+        renorm_momentum=np.float32(0.5),
+    )
+    config = layer.get_config()
+    assert config["axis"] == 1 and type(config["axis"]) is int
+    assert type(config["virtual_batch_size"]) is int
+    assert layer.renorm_clipping == {"rmax": 2.0}
+
+
+def test_nan_clipping_bound_is_rejected():
+    message = (
+        "`renorm_clipping['rmax']` must be a number or None. "
+        "Received: renorm_clipping={'rmax': nan}"
+    )
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+        tfnorm.BatchNormalization(
+            renorm=True, renorm_clipping={"rmax": float("nan")}
+        )
+    layer = tfnorm.BatchNormalization(renorm=True)
+    with pytest.raises(TypeError, match="must be a number or None"):
+        layer.set_renorm_clipping(dmax=float("nan"))
+
+
+def test_infinite_upper_bounds_mean_no_clipping():
+    layer = tfnorm.BatchNormalization(
+        renorm=True,
+        renorm_clipping={"rmax": float("inf"), "dmax": float("inf")},
+    )
+    assert layer.renorm_clipping == {}
+    x = np.random.default_rng(0).standard_normal((6, 2)).astype("float32")
+    assert np.all(np.isfinite(layer(x * 50, training=True).numpy()))
+
+
+def test_empty_clipping_without_renorm_is_accepted_like_keras():
+    layer = tfnorm.BatchNormalization(renorm_clipping={})
+    assert layer.get_config()["renorm_clipping"] is None

@@ -1,9 +1,11 @@
 """Batch Normalization for Keras 3 with ghost batches, renorm and masks."""
 
 import math
+import numbers
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import constraints
 from keras import initializers
@@ -21,8 +23,21 @@ _CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 _LEGACY_DROPPED_KEYS = ("fused", "adjustment")
 
 
+def _is_real(value):
+    """A real number, NumPy scalars included (Keras accepts them), no bool."""
+    return isinstance(value, numbers.Real) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def _is_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
 def _check_fraction(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_real(value):
         raise TypeError(
             f"Argument `{name}` must be a float in [0, 1). "
             f"Received: {name}={value!r}"
@@ -38,7 +53,7 @@ def _check_fraction(name, value):
 
 def _check_clipping(renorm, renorm_clipping):
     """Validates `renorm_clipping` and returns it as a dict of floats."""
-    if renorm_clipping is None:
+    if renorm_clipping is None or (renorm_clipping == {} and not renorm):
         return {}
     if not renorm:
         raise ValueError(
@@ -63,11 +78,14 @@ def _check_clipping(renorm, renorm_clipping):
     for key, value in renorm_clipping.items():
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not _is_real(value) or math.isnan(value):
             raise TypeError(
                 f"`renorm_clipping['{key}']` must be a number or None. "
                 f"Received: renorm_clipping={renorm_clipping!r}"
             )
+        if key != "rmin" and math.isinf(value):
+            # An infinite upper bound is no bound; keep configs finite.
+            continue
         clipping[key] = float(value)
     rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
     if rmin is not None and rmax is not None and rmin > rmax:
@@ -170,9 +188,12 @@ class BatchNormalization(keras.layers.Layer):
 
     **Numerics**: statistics are computed in float32 (or wider) for
     float16/bfloat16 inputs, with a two-pass variance that stays accurate
-    for large means; outputs are cast back to the compute dtype. The
-    normalization subtracts the mean before scaling, so a constant input
-    matching its statistics gives exactly `beta`, also under XLA.
+    for large means; outputs are cast back to the compute dtype. Inference
+    subtracts the moving mean before scaling, so a constant input matching
+    the moving statistics gives exactly `beta`, also under XLA (Keras 3
+    gives about -7.5e9 for 1e15). Training folds the mean into the offset
+    as Keras does (cheaper under XLA), so there, as in Keras, a constant
+    input of magnitude M is off by about `M / sqrt(epsilon) * 6e-8`.
 
     Args:
         axis: Integer, the channel axis to normalize per channel, e.g.
@@ -247,20 +268,20 @@ class BatchNormalization(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(axis, bool) or not isinstance(axis, int):
+        if not _is_integer(axis):
             raise TypeError(
                 "Argument `axis` must be an integer (one channel axis). "
                 f"Received: axis={axis!r}"
             )
-        self.axis = axis
+        self.axis = int(axis)
         self.momentum = _check_fraction("momentum", momentum)
         self.renorm_momentum = _check_fraction(
             "renorm_momentum", renorm_momentum
         )
         if (
-            isinstance(epsilon, bool)
-            or not isinstance(epsilon, (int, float))
+            not _is_real(epsilon)
             or not epsilon > 0
+            or not math.isfinite(epsilon)
         ):
             raise ValueError(
                 "Argument `epsilon` must be a positive float. "
@@ -268,16 +289,16 @@ class BatchNormalization(keras.layers.Layer):
             )
         self.epsilon = float(epsilon)
         if virtual_batch_size is not None and (
-            isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, int)
-            or virtual_batch_size < 1
+            not _is_integer(virtual_batch_size) or virtual_batch_size < 1
         ):
             raise ValueError(
                 "Argument `virtual_batch_size` must be None or a positive "
                 "integer number of examples per ghost batch. "
                 f"Received: virtual_batch_size={virtual_batch_size!r}"
             )
-        self.virtual_batch_size = virtual_batch_size
+        self.virtual_batch_size = (
+            None if virtual_batch_size is None else int(virtual_batch_size)
+        )
         self.center = center
         self.scale = scale
         self.beta_initializer = initializers.get(beta_initializer)
@@ -513,7 +534,11 @@ class BatchNormalization(keras.layers.Layer):
 
     def _compute_dtype_for(self, inputs):
         # Statistics in at least float32: float16 squares overflow past 256.
-        if inputs.dtype in (tf.float16, tf.bfloat16):
+        # Integer inputs (images as uint8, say) are normalized in float32,
+        # as Keras does.
+        if inputs.dtype in (tf.float16, tf.bfloat16) or not (
+            inputs.dtype.is_floating
+        ):
             return tf.float32
         return inputs.dtype
 
@@ -731,8 +756,10 @@ class BatchNormalization(keras.layers.Layer):
                 n > 1, variance * (n - 1.0) / n, tf.zeros_like(variance)
             )
             has_data = n > 0
-            mean = tf.where(has_data, mean, self.moving_mean)
-            variance = tf.where(has_data, variance, self.moving_variance)
+            mean = tf.where(has_data, mean, tf.cast(self.moving_mean, x.dtype))
+            variance = tf.where(
+                has_data, variance, tf.cast(self.moving_variance, x.dtype)
+            )
             r, d = self._renorm_correction(mean, variance, has_data)
             gamma, beta = gamma * r, gamma * d + beta
         y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
@@ -840,8 +867,15 @@ class BatchNormalization(keras.layers.Layer):
         """Also loads configs written by tf-keras 2's BatchNormalization.
 
         tf-keras writes `fused` and `adjustment` (dropped with a warning
-        naming them), may write `axis` as a one-element list, and writes
+        naming them), writes `axis` as a list once built, and writes
         `virtual_batch_size` and the renorm keys, which are honored.
+
+        A built tf-keras layer with `virtual_batch_size` has shifted its
+        (non-negative) axes by one for the ghost dimension it inserts, and
+        saves them shifted; such a list axis is shifted back here. An
+        unbuilt tf-keras config whose user wrote a non-negative list axis
+        together with `virtual_batch_size` looks the same and would be
+        shifted too: pass `axis` as an int to avoid the ambiguity.
         """
         config = dict(config)
         dropped = [k for k in _LEGACY_DROPPED_KEYS if k in config]
@@ -862,7 +896,14 @@ class BatchNormalization(keras.layers.Layer):
                     "axis; a config with several axes cannot be loaded. "
                     f"Received: axis={axis}"
                 )
-            config["axis"] = int(axis[0])
+            axis = int(axis[0])
+            if config.get("virtual_batch_size") and axis > 0:
+                axis -= 1
+            config["axis"] = axis
+        dtype = config.get("dtype")
+        if isinstance(dtype, dict) and dtype.get("class_name") == "Policy":
+            # tf-keras serializes a mixed policy as a Policy object.
+            config["dtype"] = dtype["config"]["name"]
         if not config.get("renorm", False) and not config.get(
             "renorm_clipping"
         ):
