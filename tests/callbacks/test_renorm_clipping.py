@@ -106,7 +106,18 @@ def test_schedule_without_ramp_jumps_after_warmup():
         (
             {"rmax": "3"},
             TypeError,
-            "Argument `rmax` must be a number. Received: rmax='3'",
+            "Argument `rmax` must be a finite number. Received: rmax='3'",
+        ),
+        (
+            # 0 * inf would make the first ramp step NaN.
+            {"rmax": float("inf")},
+            TypeError,
+            "Argument `rmax` must be a finite number. Received: rmax=inf",
+        ),
+        (
+            {"dmax": float("nan")},
+            TypeError,
+            "Argument `dmax` must be a finite number. Received: dmax=nan",
         ),
     ],
 )
@@ -122,6 +133,36 @@ def test_schedule_rejects_bad_arguments(kwargs, error, message):
     with pytest.raises(error) as info:
         renorm_clipping_at(**args)
     assert str(info.value) == message
+
+
+def test_numpy_scalars_are_accepted():
+    bounds = renorm_clipping_at(
+        np.int64(150), np.int64(100), np.int64(100), np.float32(3.0), 5.0
+    )
+    assert bounds == {"rmax": 2.0, "rmin": 0.5, "dmax": 2.5}
+
+
+def test_model_without_tfnorm_renorm_layers_is_an_error():
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.BatchNormalization(renorm=True),
+            keras.layers.Dense(1),
+        ],
+        name="plain",
+    )
+    model.compile("sgd", "mse")
+    schedule = RenormClippingSchedule(warmup_steps=1, ramp_steps=1)
+    x = np.zeros((4, 3), "float32")
+    with pytest.raises(ValueError) as info:
+        model.fit(x, x[:, :1], callbacks=[schedule], verbose=0)
+    assert str(info.value) == (
+        "RenormClippingSchedule found no tfnorm layer with `renorm=True` "
+        "in the model, so there is nothing to schedule (Keras's own "
+        "BatchNormalization keeps its clipping fixed). Use "
+        "tfnorm.BatchRenormalization or tfnorm.BatchNormalization("
+        "renorm=True). Received: model 'plain'"
+    )
 
 
 def test_callback_validates_at_construction():

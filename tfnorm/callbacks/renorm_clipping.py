@@ -1,11 +1,14 @@
 """The batch renormalization warm-up: a schedule for the clipping bounds."""
 
+import math
+import numbers
+
 import keras
 import tensorflow as tf
 
 
 def _check_steps(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(
             f"Argument `{name}` must be a non-negative integer number of "
             f"training steps. Received: {name}={value!r}"
@@ -15,13 +18,20 @@ def _check_steps(name, value):
             f"Argument `{name}` must be a non-negative integer number of "
             f"training steps. Received: {name}={value}"
         )
-    return value
+    return int(value)
 
 
 def _check_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # Finite: an infinite bound would turn the ramp's 0 * inf into NaN;
+    # a bound too large to matter is written as a large finite number.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+    ):
         raise TypeError(
-            f"Argument `{name}` must be a number. Received: {name}={value!r}"
+            f"Argument `{name}` must be a finite number. "
+            f"Received: {name}={value!r}"
         )
     return float(value)
 
@@ -200,6 +210,15 @@ class RenormClippingSchedule(keras.callbacks.Callback):
         # the model may have been reloaded or edited in between.
         self._layers = renorm_layers(self.model)
         self._current = None
+        if not self._layers:
+            raise ValueError(
+                "RenormClippingSchedule found no tfnorm layer with "
+                "`renorm=True` in the model, so there is nothing to "
+                "schedule (Keras's own BatchNormalization keeps its "
+                "clipping fixed). Use tfnorm.BatchRenormalization or "
+                "tfnorm.BatchNormalization(renorm=True). Received: model "
+                f"{self.model.name!r}"
+            )
 
     def on_train_batch_begin(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
