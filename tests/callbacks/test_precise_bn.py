@@ -313,3 +313,22 @@ def test_callback_recomputes_at_each_epoch_end():
     for seen in record.means:
         np.testing.assert_allclose(seen, mean, 1e-5, 1e-5)
     _assert_population(bn, mean, var)
+
+
+def test_callback_rejects_a_one_shot_generator():
+    batches = (np.zeros((4, 3), "float32") for _ in range(3))
+    with pytest.raises(ValueError) as info:
+        PreciseBN(batches, num_batches=3)
+    assert str(info.value).startswith(
+        "PreciseBN runs at every epoch end and iterates `dataset` each "
+        "time, so it needs a re-iterable dataset (a tf.data.Dataset, a "
+        "list of batches, a keras PyDataset), not a one-shot iterator or "
+        "generator. Received: dataset=<generator object"
+    )
+
+
+def test_an_iterator_keeps_the_batches_not_used():
+    model = keras.Sequential([keras.Input((3,)), tfnorm.BatchNormalization()])
+    batches = iter([np.full((4, 3), i, "float32") for i in range(6)])
+    assert tfnorm.precise_bn(model, batches, num_batches=2) == 2
+    assert len(list(batches)) == 4

@@ -1,5 +1,7 @@
 """PreciseBN: population statistics recomputed with the weights frozen."""
 
+import itertools
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -100,9 +102,9 @@ def _recording_call(layer, original_call, moments):
 
 
 def _iterate(dataset, num_batches):
-    for index, data in enumerate(dataset):
-        if index >= num_batches:
-            return
+    # islice stops before drawing batch num_batches + 1, so an iterator
+    # passed in keeps everything that was not used.
+    for data in itertools.islice(dataset, num_batches):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         yield x
 
@@ -297,6 +299,16 @@ class PreciseBN(keras.callbacks.Callback):
             raise ValueError(
                 "Argument `num_batches` must be a positive integer. "
                 f"Received: num_batches={num_batches!r}"
+            )
+        if iter(dataset) is dataset:
+            # A generator or iterator is used up by the first epoch, and
+            # the second would fail only after a whole epoch of training.
+            raise ValueError(
+                "PreciseBN runs at every epoch end and iterates `dataset` "
+                "each time, so it needs a re-iterable dataset (a "
+                "tf.data.Dataset, a list of batches, a keras PyDataset), "
+                "not a one-shot iterator or generator. Received: "
+                f"dataset={dataset!r}"
             )
         self.dataset = dataset
         self.num_batches = num_batches
