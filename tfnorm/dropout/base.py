@@ -35,10 +35,13 @@ def validate_rate(rate, name="rate"):
     Rate 1 is rejected here, at construction, so that no layer ever divides
     by `1 - rate = 0` at call time.
     """
+    # The rate lives in a float32 variable: a rate like 0.99999999 rounds
+    # to 1.0 there and would divide by zero, so the float32 value counts.
     if (
         isinstance(rate, bool)
         or not isinstance(rate, (int, float, np.floating, np.integer))
         or not 0.0 <= float(rate) < 1.0
+        or not np.float32(rate) < 1.0
     ):
         raise ValueError(
             f"`{name}` must be a number in the range [0, 1). "
@@ -182,6 +185,14 @@ class DropoutLayer(RateVariableMixin, keras.layers.Layer):
     def call(self, inputs, training=False):
         if not training:
             return inputs
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if "float" not in dtype:
+            # Scaling by 1 / (1 - rate) or (1 + u) would be truncated.
+            raise TypeError(
+                f"{type(self).__name__} needs floating point inputs in "
+                "training; cast them first (e.g. with a Rescaling layer). "
+                f"Received: inputs.dtype={dtype}"
+            )
         # Drawn outside the cond so that the mask sequence of a seed does not
         # depend on how many steps ran at rate 0.
         seed = self._next_seed()

@@ -1,6 +1,7 @@
 """Monte Carlo dropout prediction with Batch Normalization left in inference."""
 
 import contextlib
+import warnings
 
 import keras
 import numpy as np
@@ -134,6 +135,10 @@ def mc_predict(
     examples of its batch; and a `training=True` written into a functional
     model is overridden by `Model.predict` in Keras 3.15.
 
+    Not sampled: dropout inside recurrent cells (`LSTM(dropout=...)`,
+    `recurrent_dropout`), which is not a layer of its own. A model with no
+    sampled layer gets a warning, since its `std` would be exactly zero.
+
     The model runs in a `tf.function` (graph mode, no XLA) built for this
     call. Every tfnorm and Keras dropout layer draws fresh masks at each
     pass, so the T passes are independent.
@@ -183,12 +188,30 @@ def mc_predict(
             f"`entropy` must be None, True or False. Received: entropy="
             f"{entropy!r}"
         )
+    if isinstance(x, tf.data.Dataset) or not keras.tree.flatten(x):
+        raise ValueError(
+            "`x` must be an array, or a list or dict of arrays, with at "
+            f"least one example. Received: x={type(x).__name__}"
+        )
     arrays = keras.tree.map_structure(np.asarray, x)
     num_examples = len(keras.tree.flatten(arrays)[0])
+    if num_examples == 0:
+        raise ValueError(
+            "`x` must hold at least one example. Received: x with shape "
+            f"{keras.tree.flatten(arrays)[0].shape}"
+        )
+    layers = stochastic_layers(model)
+    if not layers:
+        warnings.warn(
+            f"mc_predict found no dropout layer in model {model.name!r}: "
+            "every pass is the same and `std` is zero. Dropout inside "
+            "recurrent cells (LSTM/GRU `dropout=`) is not sampled.",
+            stacklevel=2,
+        )
 
     means, stds, draws = [], [], []
     structure = None
-    with _training_forced(stochastic_layers(model)):
+    with _training_forced(layers):
         # Built here, so that its trace sees the forced layers; retraced at
         # most once more, for a smaller last batch.
         forward = tf.function(

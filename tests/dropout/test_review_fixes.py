@@ -1,0 +1,75 @@
+"""Defects found in review: float32 rounding of rates, integer inputs,
+and MC dropout on models with nothing to sample."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+
+import tfnorm
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda rate: tfnorm.DropPath(rate),
+        lambda rate: tfnorm.Uout(rate),
+        lambda rate: tfnorm.DropBlock2D(rate, block_size=2),
+    ],
+    ids=["DropPath", "Uout", "DropBlock2D"],
+)
+def test_rate_that_rounds_to_one_in_float32_is_rejected(factory):
+    # 0.99999999 < 1 as a Python float but equals 1.0 in float32, where
+    # the layer keeps it, and would divide by zero.
+    message = (
+        "`rate` must be a number in the range [0, 1). Received: rate=0.99999999"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        factory(0.99999999)
+
+
+@pytest.mark.parametrize(
+    "layer,shape",
+    [
+        (tfnorm.DropPath(0.5, seed=0), (4, 3)),
+        (tfnorm.Uout(0.5, seed=0), (4, 3)),
+        (tfnorm.DropBlock2D(0.5, block_size=2, seed=0), (2, 4, 4, 1)),
+    ],
+    ids=["DropPath", "Uout", "DropBlock2D"],
+)
+def test_integer_inputs_are_an_error_in_training(layer, shape):
+    x = np.full(shape, 10, "int32")
+    name = type(layer).__name__
+    message = (
+        f"{name} needs floating point inputs in training; cast them first "
+        "(e.g. with a Rescaling layer). Received: inputs.dtype=int32"
+    )
+    with pytest.raises(TypeError, match=re.escape(message)):
+        layer(x, training=True)
+    # Inference stays the exact identity, as for Keras's Dropout.
+    np.testing.assert_array_equal(layer(x, training=False), x)
+
+
+def test_mc_predict_warns_when_nothing_is_sampled():
+    model = keras.Sequential(
+        [
+            keras.Input((3, 6)),
+            keras.layers.LSTM(4, dropout=0.5, recurrent_dropout=0.5),
+            keras.layers.Dense(1),
+        ],
+        name="rnn",
+    )
+    x = np.ones((5, 3, 6), "float32")
+    with pytest.warns(UserWarning, match="found no dropout layer in model"):
+        result = tfnorm.mc_predict(model, x, samples=3)
+    np.testing.assert_array_equal(result["std"], 0.0)
+
+
+def test_mc_predict_rejects_empty_inputs():
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dropout(0.5), keras.layers.Dense(1)]
+    )
+    message = "`x` must hold at least one example. Received: x with shape"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tfnorm.mc_predict(model, np.zeros((0, 3), "float32"))
