@@ -73,3 +73,9 @@ def test_mc_predict_rejects_empty_inputs():
     message = "`x` must hold at least one example. Received: x with shape"
     with pytest.raises(ValueError, match=re.escape(message)):
         tfnorm.mc_predict(model, np.zeros((0, 3), "float32"))
+
+
+def test_numpy_integer_block_size_is_accepted():
+    layer = tfnorm.DropBlock2D(0.1, block_size=np.int64(3))
+    assert layer.get_config()["block_size"] == 3
+    assert type(layer.get_config()["block_size"]) is int

@@ -1,6 +1,9 @@
 """DropBlock: dropout of contiguous blocks of a feature map."""
 
+import numbers
+
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -76,7 +79,10 @@ def _validate_block_size(block_size, rank):
     else:
         sizes = (block_size,) * rank
     ok = len(sizes) == rank and all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes
+        isinstance(s, numbers.Integral)
+        and not isinstance(s, (bool, np.bool_))
+        and s >= 1
+        for s in sizes
     )
     if not ok:
         expected = "a positive int"
@@ -86,7 +92,7 @@ def _validate_block_size(block_size, rank):
             f"`block_size` must be {expected}. "
             f"Received: block_size={block_size!r}"
         )
-    return sizes
+    return tuple(int(s) for s in sizes)
 
 
 def _validate_data_format(data_format):
@@ -160,7 +166,12 @@ class _DropBlock(DropoutLayer):
     ):
         super().__init__(rate=rate, seed=seed, **kwargs)
         self._block = _validate_block_size(block_size, self._rank)
-        self.block_size = block_size
+        # Plain ints in the config, whatever integer type was passed.
+        self.block_size = (
+            tuple(int(b) for b in block_size)
+            if isinstance(block_size, (list, tuple))
+            else int(block_size)
+        )
         self.data_format = _validate_data_format(data_format)
         self.input_spec = keras.layers.InputSpec(ndim=self._rank + 2)
 
