@@ -8,13 +8,13 @@ import pytest
 import tensorflow as tf
 
 from tests import reference_dropout as ref
-from tests.dropout.contract import check_dropout_contract
+from tests.contract import check_layer_contract
 from tfnorm.dropout import ConcreteDropout
 
 
 def test_contract(tmp_path):
     x = np.random.default_rng(0).normal(size=(6, 7)).astype("float32")
-    check_dropout_contract(
+    check_layer_contract(
         lambda: ConcreteDropout(keras.layers.Dense(5), seed=1),
         x,
         tmp_path,

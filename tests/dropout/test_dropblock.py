@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tests import reference_dropout as ref
-from tests.dropout.contract import check_dropout_contract
+from tests.contract import check_layer_contract
 from tfnorm.dropout import DropBlock1D
 from tfnorm.dropout import DropBlock2D
 from tfnorm.dropout.dropblock import dropblock_seed_rate
@@ -22,15 +22,21 @@ def _dropped(layer, shape, **call):
 
 def test_contract_2d(tmp_path):
     x = np.random.default_rng(0).normal(size=(4, 9, 9, 3)).astype("float32")
-    check_dropout_contract(
-        lambda: DropBlock2D(0.2, block_size=3, seed=1), x, tmp_path
+    check_layer_contract(
+        lambda: DropBlock2D(0.2, block_size=3, seed=1),
+        x,
+        tmp_path,
+        identity=True,
     )
 
 
 def test_contract_1d(tmp_path):
     x = np.random.default_rng(0).normal(size=(4, 20, 3)).astype("float32")
-    check_dropout_contract(
-        lambda: DropBlock1D(0.2, block_size=4, seed=1), x, tmp_path
+    check_layer_contract(
+        lambda: DropBlock1D(0.2, block_size=4, seed=1),
+        x,
+        tmp_path,
+        identity=True,
     )
 
 

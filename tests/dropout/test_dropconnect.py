@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.dropout.contract import check_dropout_contract
+from tests.contract import check_layer_contract
 from tfnorm.dropout import DropConnect
 
 
@@ -18,7 +18,7 @@ def _used_rate(rate):
 
 def test_contract_dense(tmp_path):
     x = np.random.default_rng(0).normal(size=(6, 7)).astype("float32")
-    check_dropout_contract(
+    check_layer_contract(
         lambda: DropConnect(keras.layers.Dense(5), rate=0.3, seed=1),
         x,
         tmp_path,
@@ -28,7 +28,7 @@ def test_contract_dense(tmp_path):
 
 def test_contract_conv2d(tmp_path):
     x = np.random.default_rng(0).normal(size=(4, 6, 6, 3)).astype("float32")
-    check_dropout_contract(
+    check_layer_contract(
         lambda: DropConnect(keras.layers.Conv2D(4, 3), rate=0.3, seed=1),
         x,
         tmp_path,

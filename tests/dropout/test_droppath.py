@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.dropout.contract import check_dropout_contract
+from tests.contract import check_layer_contract
 from tfnorm.dropout import DropPath
 from tfnorm.dropout import stochastic_depth_rates
 
 
 def test_contract(tmp_path):
     x = np.random.default_rng(0).normal(size=(6, 5, 5, 3)).astype("float32")
-    check_dropout_contract(lambda: DropPath(0.3, seed=1), x, tmp_path)
+    check_layer_contract(
+        lambda: DropPath(0.3, seed=1), x, tmp_path, identity=True
+    )
 
 
 def test_drops_whole_samples_and_scales_survivors():

@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.dropout.contract import check_dropout_contract
+from tests.contract import check_layer_contract
 from tfnorm.dropout import Uout
 
 
 def test_contract(tmp_path):
     x = np.random.default_rng(0).normal(size=(6, 5, 3)).astype("float32")
-    check_dropout_contract(lambda: Uout(0.3, seed=1), x, tmp_path)
+    check_layer_contract(
+        lambda: Uout(0.3, seed=1),
+        x,
+        tmp_path,
+        identity=True,
+    )
 
 
 def test_noise_is_uniform_with_mean_one():
