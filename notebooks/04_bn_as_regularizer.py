@@ -77,7 +77,7 @@ def training_mode_probabilities(model):
 #
 # A network with BN before each ReLU (the zoo's `bn_before` MLP, three
 # hidden layers of 128) is trained for two passes over the digits. Then
-# we take one validation digit and place it in 100 different batches of
+# we take one validation digit and place it in 60 different batches of
 # other digits. In training mode BN normalizes with each batch's mean and
 # variance, so the network's confidence in the digit's true class changes
 # from batch to batch. In inference mode it uses the moving statistics,
@@ -98,7 +98,7 @@ tfnorm.precise_bn(
 
 digit, label = digits.x_val[3], digits.y_val[3]
 rng = np.random.default_rng(0)
-DRAWS = 100
+DRAWS = 60
 SIZES = (2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -226,7 +226,7 @@ for v, (in_ghost, in_plain) in ghost_rows.items():
 # ## Does the noise help here?
 #
 # The regularizing effect should show most on a small training set. We
-# train on 1,000 of the digits with batches of 250 for 160 steps, and vary
+# train on 1,000 of the digits with batches of 250 for 120 steps, and vary
 # only the ghost batch size (16, or 250, which is plain BN), with 2 seeds
 # each. A smaller train-validation gap with the smaller ghost batches
 # would be the regularizer at work.
@@ -240,7 +240,7 @@ for v in (16, 250):
     for seed in SEEDS:
         keras.utils.set_random_seed(seed)
         net = build("ghost", virtual_batch_size=v, learning_rate=0.5)
-        net.fit(small_x, small_y, batch_size=250, epochs=40, verbose=0)
+        net.fit(small_x, small_y, batch_size=250, epochs=30, verbose=0)
         _, train_acc = net.evaluate(small_x, small_y, verbose=0)
         _, val_acc = net.evaluate(digits.x_val, digits.y_val, verbose=0)
         results.append((train_acc, val_acc, train_acc - val_acc))
