@@ -15,7 +15,8 @@
 # (as in the original paper) with BN placed after the ReLU, over several
 # seeds, and report the difference together with its spread.
 #
-# **Runtime:** RUNTIME on 2 CPU cores.
+# **Runtime:** about 31 s of CPU time (user + sys, run as a script;
+# 35 s wall-clock on 2 cores shared with other jobs).
 
 # %%
 import time
@@ -31,9 +32,9 @@ from zoo import models
 started = time.perf_counter()
 digits = data.load("digits")
 
-HIDDEN = (128,) * 4
+HIDDEN = (128,) * 3
 SEEDS = (0, 1, 2)
-EPOCHS = 4  # of 63 steps, batches of 64 digits
+EPOCHS = 3  # of 63 steps, batches of 64 digits
 PLACEMENTS = ("bn_before", "bn_after")
 
 
@@ -94,9 +95,9 @@ plt.show()
 #
 # ## Three seeds each
 #
-# The zoo's MLP with four hidden layers of 128 units, plain SGD at
-# learning rate 0.5, batch 64, four passes over the 4,000 training digits
-# (252 steps); validation accuracy after every pass.
+# The zoo's MLP with three hidden layers of 128 units, plain SGD at
+# learning rate 0.5, batch 64, three passes over the 4,000 training
+# digits (189 steps); validation accuracy after every pass.
 
 # %%
 history = {variant: [] for variant in PLACEMENTS}
