@@ -3,7 +3,9 @@
 tfnorm-zoo                      run the default experiment, basics
 tfnorm-zoo list                 one line per registered experiment
 tfnorm-zoo run NAME [options]   run one experiment's grid
-tfnorm-zoo report DIR           rebuild the report of an experiment folder
+tfnorm-zoo report DIR...        rebuild experiment reports; with several
+                                folders (or a log directory), also a
+                                summary across experiments
 """
 
 import argparse
@@ -120,16 +122,64 @@ def _parser():
         help="shrink the experiment to seconds (tiny layers, few steps, "
         "one seed) to check that everything runs; written to NAME_smoke",
     )
+    run.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="global batch size, split over the replicas (default: the "
+        "experiment's; its learning-rate scaling rule, if any, applies)",
+    )
+    run.add_argument(
+        "--strategy",
+        choices=("default", "mirrored", "multiworker", "tpu"),
+        help="tf.distribute strategy: default (one device), mirrored "
+        "(all local GPUs), multiworker (MultiWorkerMirroredStrategy, "
+        "cluster from TF_CONFIG), tpu (TPUStrategy; TPU_NAME or the local "
+        "TPU VM)",
+    )
+    run.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="tfnorm BN normalizes over the global batch across replicas "
+        "(synchronized=True)",
+    )
+    run.add_argument(
+        "--precision",
+        choices=("float32", "mixed_float16", "mixed_bfloat16"),
+        help="Keras dtype policy (default: float32; mixed_float16 adds "
+        "loss scaling)",
+    )
+    run.add_argument(
+        "--jit",
+        action="store_true",
+        help="compile the training step with XLA",
+    )
+    run.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder of prepared tensorflow-datasets data (default: "
+        "TFDS_DATA_DIR or ~/tensorflow_datasets)",
+    )
 
     report = commands.add_parser(
         "report",
-        help="write report.md and the plot for an experiment folder",
+        help="write report.md and the plot for experiment folders",
         description=(
-            "Read the finished run folders under DIR (for example "
-            "runs/basics) and write report.md and val_accuracy.png there."
+            "Read the finished run folders under each DIR (for example "
+            "runs/basics) and write report.md and val_accuracy.png there. "
+            "A DIR without run folders (for example runs) stands for the "
+            "experiments inside it. With more than one experiment, also "
+            "write summary.md, one table across them, into their common "
+            "parent folder."
         ),
     )
-    report.add_argument("dir", metavar="DIR", help="an experiment folder")
+    report.add_argument(
+        "dirs",
+        nargs="+",
+        metavar="DIR",
+        help="experiment folders, or log directories holding them",
+    )
+
     return parser
 
 
@@ -150,6 +200,7 @@ def _print_report(console, exp_dir):
 
 
 def _run(args, parser, console):
+    from zoo import data
     from zoo import experiments
     from zoo import train
 
@@ -165,25 +216,44 @@ def _run(args, parser, console):
         )
         if value is not None
     }
-    experiment = experiment.replace(**changes)
+    for key, value in (
+        ("batch_size", args.batch_size),
+        ("strategy", args.strategy),
+        ("precision", args.precision),
+        ("synchronized", args.sync_bn or None),
+        ("jit", args.jit or None),
+    ):
+        if value is not None:
+            changes[key] = value
 
     started = time.time()
     try:
+        experiment = experiment.replace(**changes)
         exp_dir, trained, skipped = train.run_grid(
             experiment,
             args.logdir,
             console=console,
             command=shlex.join([PROG] + sys.argv[1:]),
+            data_dir=args.data_dir,
         )
     except KeyboardInterrupt:
         console.print(
-            "Interrupted. Finished runs are kept; run the same command "
-            "again to train the missing ones."
+            "Interrupted. Finished runs are kept, and the run in progress "
+            "continues from its last checkpoint: run the same command "
+            "again to finish."
         )
         return 130
     except ValueError as error:
         parser.error(str(error))
+    except data.DataUnavailableError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
     elapsed = time.time() - started
+    chief, _ = train.worker_role(train.get_strategy(experiment.strategy))
+    if not chief:
+        # The chief writes the report; a worker only says where it wrote.
+        console.print(f"Worker runs written to {exp_dir}.")
+        return 0
     _print_report(console, exp_dir)
     console.print(
         f"Measured wall time: {_format_seconds(elapsed)} "
@@ -206,17 +276,28 @@ def main(argv=None):
     if args.command == "list":
         from zoo import experiments
 
+        width = max(map(len, experiments.names()))
         for name in experiments.names():
             # Plain print: one line per experiment, never wrapped.
-            print(f"{name:12} {experiments.summary(name)}")
+            print(f"{name:{width}} {experiments.summary(name)}")
         return 0
     if args.command == "report":
         from pathlib import Path
 
+        from zoo import report
+
         try:
-            _print_report(console, Path(args.dir))
+            exp_dirs = report.experiment_dirs(args.dirs)
+            for exp_dir in exp_dirs:
+                _print_report(console, exp_dir)
         except FileNotFoundError as error:
             parser.error(str(error))
+        if len(exp_dirs) > 1:
+            parent = Path(os.path.commonpath([d.resolve() for d in exp_dirs]))
+            path = parent / report.SUMMARY_FILE
+            lines = report.write_summary(exp_dirs, path)
+            console.print(report.rich_summary(lines, title="summary"))
+            console.print(f"Summary: {path}")
         return 0
     if args.command == "run":
         return _run(args, parser, console)

@@ -1,15 +1,26 @@
 """Model builders and the variant registry they share.
 
-A *variant* names which normalization an MLP uses and where it sits:
+A *variant* names which normalization a model uses, where it sits
+relative to the activation, and which dropout flavor it adds:
 `build_mlp(..., variant="bn_before")` builds Dense -> BN -> ReLU blocks,
 `variant="none"` plain Dense -> ReLU blocks. Every builder takes its
-layers from `VARIANTS`, so a variant means the same thing in every
-experiment. tfnorm's layers provide BN, ghost BN and renorm; Keras's own
-layers provide the rest; the one layer defined here, noisy BN, is an
+layers from `VARIANTS` through one helper, so a variant means the same
+thing in every model and experiment. tfnorm's layers provide BN, ghost
+BN, renorm and the dropout flavors; Keras's own layers provide group
+normalization (the batch-independent baseline), dropout and spatial
+dropout; the one normalization defined here, noisy BN, is an
 experimental probe that does not belong in the library.
+
+Models, by name (`build(name, ...)`): `mlp`; `convnet1d` (MNIST-1D) and
+`convnet2d` (28x28 digits); `vgg11`, `vgg16` (32x32 inputs); CIFAR
+ResNets `resnet20`, `resnet32`, `resnet44`, `resnet56`, `resnet110` (any
+`resnet{6n+2}`, such as the tests' `resnet8`) and their pre-activation
+forms `preresnet{depth}`.
 """
 
 import dataclasses
+import math
+import re
 
 import keras
 
@@ -128,23 +139,36 @@ class NoisyBatchNormalization(tfnorm.BatchNormalization):
         return config
 
 
+# Dropout flavors by name. Where each goes depends on the model; the
+# builders document it.
+DROPOUT_FLAVORS = {
+    "dropout": "keras Dropout, elementwise",
+    "spatial": "keras SpatialDropout1D/2D, whole channels",
+    "dropblock": "tfnorm.DropBlock1D/2D, contiguous regions",
+    "droppath": "tfnorm.DropPath on residual branches (stochastic depth)",
+}
+NORMS = (None, "bn", "ghost", "renorm", "noisy", "group")
+PLACEMENTS = ("before", "after")
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """How one variant normalizes a hidden block.
+    """How one variant normalizes a block, and which dropout it uses.
 
     Attributes:
         name: Registry key.
         summary: One line for listings and reports.
-        norm: `None`, `"bn"`, `"ghost"`, `"renorm"` or `"noisy"`.
+        norm: One of `NORMS`: `None`, `"bn"`, `"ghost"`, `"renorm"`,
+            `"noisy"` or `"group"`.
         placement: `"before"` or `"after"` the activation.
-        dropout: Whether the block ends with dropout.
+        dropout: `None` or a name in `DROPOUT_FLAVORS`.
     """
 
     name: str
     summary: str
     norm: str | None = None
     placement: str = "before"
-    dropout: bool = False
+    dropout: str | None = None
 
 
 VARIANTS = {
@@ -169,7 +193,30 @@ VARIANTS = {
             "bn_dropout",
             "BN before the activation, dropout after it",
             norm="bn",
-            dropout=True,
+            dropout="dropout",
+        ),
+        Variant(
+            "groupnorm",
+            "group normalization (batch-independent baseline)",
+            norm="group",
+        ),
+        Variant(
+            "stochastic_depth",
+            "BN, residual branches dropped per sample (DropPath)",
+            norm="bn",
+            dropout="droppath",
+        ),
+        Variant(
+            "dropblock",
+            "BN, DropBlock on the feature maps",
+            norm="bn",
+            dropout="dropblock",
+        ),
+        Variant(
+            "bn_spatial_dropout",
+            "BN, spatial dropout on the feature maps",
+            norm="bn",
+            dropout="spatial",
         ),
     )
 }
@@ -185,25 +232,189 @@ def check_variants(names):
         )
 
 
-def _norm_layer(variant, name, virtual_batch_size):
-    if variant.norm == "bn":
-        return tfnorm.BatchNormalization(name=name)
-    if variant.norm == "ghost":
-        return tfnorm.BatchNormalization(
-            virtual_batch_size=virtual_batch_size,
-            name=name,
+def resolve(variant, placement=None, dropout=None):
+    """The registry's `Variant`, with `placement` or `dropout` overridden.
+
+    `dropout="none"` removes the variant's dropout.
+    """
+    check_variants([variant])
+    spec = VARIANTS[variant]
+    if placement is not None:
+        if placement not in PLACEMENTS:
+            raise ValueError(
+                f"Unknown placement {placement!r}. "
+                f"Valid placements: {', '.join(PLACEMENTS)}."
+            )
+        spec = dataclasses.replace(spec, placement=placement)
+    if dropout is not None:
+        if dropout != "none" and dropout not in DROPOUT_FLAVORS:
+            raise ValueError(
+                f"Unknown dropout flavor {dropout!r}. Valid flavors: "
+                f"none, {', '.join(DROPOUT_FLAVORS)}."
+            )
+        spec = dataclasses.replace(
+            spec, dropout=None if dropout == "none" else dropout
         )
-    if variant.norm == "renorm":
-        # Clipping starts closed (r = 1, d = 0, which is plain BN);
-        # `tfnorm.callbacks.RenormClippingSchedule` opens it during the run.
-        return tfnorm.BatchNormalization(
-            renorm=True,
-            renorm_clipping={"rmax": 1.0, "rmin": 1.0, "dmax": 0.0},
-            name=name,
+    return spec
+
+
+def _group_count(channels, groups):
+    # Group normalization needs the group count to divide the channels;
+    # CIFAR ResNets have 16, 32 and 64 channels and the smoke models fewer.
+    return math.gcd(channels, groups)
+
+
+class _Layers:
+    """Makes one model's layers for a variant, with unique, findable names.
+
+    Activations are named `act_1`, `act_2`, ... in order, so that
+    `preactivation_model` and the diagnostics find them in every model.
+    """
+
+    def __init__(
+        self,
+        spec,
+        virtual_batch_size=16,
+        synchronized=False,
+        groups=8,
+        dropout_rate=0.2,
+        dropblock_size=3,
+        weight_decay=0.0,
+        activation="relu",
+        kernel_initializer="he_normal",
+    ):
+        self.spec = spec
+        self.virtual_batch_size = virtual_batch_size
+        self.synchronized = synchronized
+        self.groups = groups
+        self.dropout_rate = dropout_rate
+        self.dropblock_size = dropblock_size
+        self.activation = activation
+        self.kernel_initializer = kernel_initializer
+        # Coupled L2 as in the papers' SGD: Caffe's and Torch's weight
+        # decay `wd` adds `wd * w` to the gradient, which is the gradient
+        # of `wd / 2 * ||w||^2`. Keras's `L2(l)` adds `l * ||w||^2`.
+        self.regularizer = (
+            keras.regularizers.L2(weight_decay / 2) if weight_decay else None
         )
-    if variant.norm == "noisy":
-        return NoisyBatchNormalization(name=name)
-    raise ValueError(f"Variant {variant.name!r} has no normalization layer.")
+        self._acts = 0
+
+    @property
+    def use_bias(self):
+        # A bias right before BN is cancelled by its mean subtraction;
+        # group normalization subtracts group means only, so it keeps one.
+        spec = self.spec
+        return spec.norm in (None, "group") or spec.placement == "after"
+
+    def norm(self, x, name):
+        """`x` through the variant's normalization layer (or unchanged)."""
+        spec = self.spec
+        if spec.norm is None:
+            return x
+        if spec.norm == "group":
+            groups = _group_count(x.shape[-1], self.groups)
+            return keras.layers.GroupNormalization(groups=groups, name=name)(x)
+        bn = {"synchronized": self.synchronized, "name": name}
+        if spec.norm == "bn":
+            return tfnorm.BatchNormalization(**bn)(x)
+        if spec.norm == "ghost":
+            return tfnorm.BatchNormalization(
+                virtual_batch_size=self.virtual_batch_size, **bn
+            )(x)
+        if spec.norm == "renorm":
+            # Clipping starts closed (r = 1, d = 0, which is plain BN);
+            # `tfnorm.callbacks.RenormClippingSchedule` opens it during the
+            # run.
+            return tfnorm.BatchNormalization(
+                renorm=True,
+                renorm_clipping={"rmax": 1.0, "rmin": 1.0, "dmax": 0.0},
+                **bn,
+            )(x)
+        if spec.norm == "noisy":
+            return NoisyBatchNormalization(**bn)(x)
+        raise ValueError(
+            f"Unknown normalization {spec.norm!r} in variant {spec.name!r}. "
+            f"Valid: {', '.join(str(n) for n in NORMS)}."
+        )
+
+    def act(self, x):
+        self._acts += 1
+        return keras.layers.Activation(
+            self.activation, name=f"act_{self._acts}"
+        )(x)
+
+    def norm_act(self, x, name):
+        """Normalization and activation in the variant's order."""
+        if self.spec.placement == "before":
+            return self.act(self.norm(x, name))
+        return self.norm(self.act(x), name)
+
+    def conv(self, x, filters, kernel_size, strides, name, use_bias=None):
+        rank = len(x.shape) - 2
+        layer = keras.layers.Conv1D if rank == 1 else keras.layers.Conv2D
+        return layer(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding="same",
+            use_bias=self.use_bias if use_bias is None else use_bias,
+            kernel_initializer=self.kernel_initializer,
+            kernel_regularizer=self.regularizer,
+            name=name,
+        )(x)
+
+    def dense(self, x, units, name, use_bias=None, dtype=None):
+        return keras.layers.Dense(
+            units,
+            use_bias=self.use_bias if use_bias is None else use_bias,
+            kernel_initializer=self.kernel_initializer,
+            kernel_regularizer=self.regularizer,
+            name=name,
+            dtype=dtype,
+        )(x)
+
+    def logits(self, x, num_classes):
+        # float32 logits under mixed precision, so that the softmax and
+        # the loss never run in half precision.
+        return self.dense(
+            x, num_classes, "logits", use_bias=True, dtype="float32"
+        )
+
+    def map_dropout(self, x, name, allowed=("dropout", "spatial", "dropblock")):
+        """The variant's dropout on a feature map `(batch, ..., channels)`.
+
+        `droppath` is applied by the residual builders themselves, never
+        here.
+        """
+        flavor = self.spec.dropout
+        if flavor is None or flavor not in allowed or flavor == "droppath":
+            return x
+        rank = len(x.shape) - 2
+        rate = self.dropout_rate
+        if flavor == "dropout":
+            return keras.layers.Dropout(rate, name=name)(x)
+        if flavor == "spatial":
+            layer = (
+                keras.layers.SpatialDropout1D
+                if rank == 1
+                else keras.layers.SpatialDropout2D
+            )
+            return layer(rate, name=name)(x)
+        layer = tfnorm.DropBlock1D if rank == 1 else tfnorm.DropBlock2D
+        return layer(rate, block_size=self.dropblock_size, name=name)(x)
+
+    def refuse(self, model, flavors):
+        """Raises for a dropout flavor that `model` has no place for."""
+        if self.spec.dropout in flavors:
+            raise ValueError(
+                f"Model {model!r} has no place for dropout flavor "
+                f"{self.spec.dropout!r} (variant {self.spec.name!r}). "
+                + (
+                    "DropPath needs residual branches: use a ResNet."
+                    if self.spec.dropout == "droppath"
+                    else "Use `dropout` with the MLP."
+                )
+            )
 
 
 def build_mlp(
@@ -214,6 +425,9 @@ def build_mlp(
     activation="relu",
     virtual_batch_size=16,
     dropout_rate=0.2,
+    placement=None,
+    dropout=None,
+    **options,
 ):
     """Builds an MLP classifier that outputs logits.
 
@@ -230,39 +444,432 @@ def build_mlp(
         activation: Keras activation name.
         virtual_batch_size: Ghost batch size for the `ghost` variant.
         dropout_rate: Dropout rate for variants with dropout.
+        placement: Overrides the variant's placement.
+        dropout: Overrides the variant's dropout flavor; only `"dropout"`
+            (or `"none"`) fits an MLP.
+        **options: `synchronized`, `groups`, `weight_decay`, as for
+            `build_resnet`.
     """
-    check_variants([variant])
-    spec = VARIANTS[variant]
+    spec = resolve(variant, placement, dropout)
+    layers = _Layers(
+        spec,
+        virtual_batch_size=virtual_batch_size,
+        dropout_rate=dropout_rate,
+        activation=activation,
+        # Keras's default (Glorot uniform) initialization: the
+        # unnormalized baseline is what a newcomer would get out of the
+        # box.
+        kernel_initializer="glorot_uniform",
+        **options,
+    )
+    layers.refuse("mlp", ("spatial", "dropblock", "droppath"))
     inputs = keras.Input(shape=tuple(input_shape), name="inputs")
     x = keras.layers.Flatten(name="flatten")(inputs)
     for i, units in enumerate(hidden_units, start=1):
-        # A bias right before BN is cancelled by its mean subtraction.
-        use_bias = spec.norm is None or spec.placement == "after"
-        # Keras's default (Glorot uniform) initialization throughout: the
-        # unnormalized baseline is what a newcomer would get out of the box.
-        x = keras.layers.Dense(units, use_bias=use_bias, name=f"dense_{i}")(x)
-        if spec.norm is not None and spec.placement == "before":
-            x = _norm_layer(spec, f"norm_{i}", virtual_batch_size)(x)
-        x = keras.layers.Activation(activation, name=f"act_{i}")(x)
-        if spec.norm is not None and spec.placement == "after":
-            x = _norm_layer(spec, f"norm_{i}", virtual_batch_size)(x)
+        x = layers.dense(x, units, f"dense_{i}")
+        x = layers.norm_act(x, f"norm_{i}")
         if spec.dropout:
             x = keras.layers.Dropout(dropout_rate, name=f"dropout_{i}")(x)
-    outputs = keras.layers.Dense(num_classes, name="logits")(x)
+    outputs = layers.logits(x, num_classes)
     return keras.Model(inputs, outputs, name=f"mlp_{variant}")
 
 
-def preactivation_model(model):
+def _as_map(inputs, rank):
+    """Reshapes flat or channel-less inputs into `rank`-D feature maps."""
+    shape = tuple(inputs.shape[1:])
+    if len(shape) == rank + 1:
+        return inputs
+    if len(shape) == rank:
+        return keras.layers.Reshape(shape + (1,), name="to_map")(inputs)
+    if rank == 2 and len(shape) == 1 and math.isqrt(shape[0]) ** 2 == shape[0]:
+        side = math.isqrt(shape[0])
+        return keras.layers.Reshape((side, side, 1), name="to_map")(inputs)
+    raise ValueError(
+        f"Cannot read inputs of shape {shape} as {rank}-D feature maps. "
+        f"Expected (length,) or (length, channels) for 1-D, and (h, w), "
+        f"(h, w, channels) or a flat square image for 2-D."
+    )
+
+
+@keras.saving.register_keras_serializable(package="zoo")
+class ZeroPadShortcut(keras.layers.Layer):
+    """He et al.'s option A shortcut: subsample, then add zero channels.
+
+    Parameter-free: keeps every `strides`-th row and column and pads the
+    channel axis with zeros on both sides up to `channels`.
+
+    Args:
+        channels: Output channels, at least the input's.
+        strides: Spatial subsampling factor.
+    """
+
+    def __init__(self, channels, strides=2, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = int(channels)
+        self.strides = int(strides)
+
+    def call(self, inputs):
+        s = self.strides
+        x = inputs[:, ::s, ::s, :]
+        extra = self.channels - x.shape[-1]
+        front = extra // 2
+        return keras.ops.pad(
+            x, [[0, 0], [0, 0], [0, 0], [front, extra - front]]
+        )
+
+    def compute_output_shape(self, input_shape):
+        def down(size):
+            return None if size is None else -(-size // self.strides)
+
+        b, h, w, _ = input_shape
+        return (b, down(h), down(w), self.channels)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"channels": self.channels, "strides": self.strides})
+        return config
+
+
+RESNET_WIDTHS = (16, 32, 64)
+
+
+def build_resnet(
+    depth,
+    input_shape,
+    num_classes,
+    variant="bn_before",
+    preactivation=False,
+    shortcut="A",
+    width=1.0,
+    placement=None,
+    dropout=None,
+    **options,
+):
+    """Builds a CIFAR ResNet (He et al. 2016) of `depth = 6 n + 2` layers.
+
+    A 3x3 convolution with 16 channels, then three stages of `n` basic
+    blocks (two 3x3 convolutions each) with 16, 32 and 64 channels, the
+    last two starting with stride 2, then global average pooling and the
+    classifier. ResNet-20 has n = 3, ResNet-56 n = 9, ResNet-110 n = 18.
+
+    Post-activation block (`preactivation=False`, the original):
+    `conv -> norm -> act -> conv -> norm -> add -> act`. With
+    `placement="after"` each norm moves behind its activation, including
+    the one after the addition. Pre-activation block (He et al. 2016b):
+    `norm -> act -> conv -> norm -> act -> conv -> add`, with a final
+    norm and activation before the pooling.
+
+    Dropout flavors: `droppath` drops each residual branch per sample
+    with the linear depth rule (`tfnorm.stochastic_depth_rates`, last
+    block at `dropout_rate`); `dropblock` applies `tfnorm.DropBlock2D` to
+    the outputs of the blocks of the last two stages, as Ghiasi et al. do
+    for the last groups of a ResNet; `dropout` and `spatial` go between
+    the two convolutions of each block.
+
+    Args:
+        depth: 8, 14, 20, ...: any `6 n + 2`.
+        input_shape: `(h, w, c)`, `(h, w)` or a flat square image.
+        num_classes: Number of output logits.
+        variant: A name in `VARIANTS`.
+        preactivation: The pre-activation form instead of the original.
+        shortcut: `"A"` (zero-padded identity, no parameters, as He et
+            al. use on CIFAR) or `"B"` (1x1 convolution and norm where
+            the shape changes).
+        width: Multiplies the channel counts (1.0 is the paper's).
+        placement: Overrides the variant's placement.
+        dropout: Overrides the variant's dropout flavor.
+        **options: `virtual_batch_size`, `synchronized` (tfnorm BN's
+            cross-replica statistics), `groups` (group normalization),
+            `dropout_rate`, `dropblock_size`, `weight_decay`.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise TypeError(f"`depth` must be an int. Received: depth={depth!r}")
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(
+            "A CIFAR ResNet has depth 6 n + 2 for n >= 1 (8, 14, 20, 32, "
+            f"44, 56, 110, ...). Received: depth={depth}"
+        )
+    if shortcut not in ("A", "B"):
+        raise ValueError(
+            f"`shortcut` must be 'A' or 'B'. Received: shortcut={shortcut!r}"
+        )
+    spec = resolve(variant, placement, dropout)
+    layers = _Layers(spec, **options)
+    n = (depth - 2) // 6
+    widths = [max(1, round(c * width)) for c in RESNET_WIDTHS]
+    drop_rates = (
+        tfnorm.stochastic_depth_rates(3 * n, max_rate=layers.dropout_rate)
+        if spec.dropout == "droppath"
+        else None
+    )
+
+    inputs = keras.Input(shape=tuple(input_shape), name="inputs")
+    x = _as_map(inputs, 2)
+    x = layers.conv(x, widths[0], 3, 1, "stem_conv")
+    if not preactivation:
+        x = layers.norm_act(x, "stem_norm")
+    block = 0
+    for stage, channels in enumerate(widths, start=1):
+        for i in range(1, n + 1):
+            strides = 2 if stage > 1 and i == 1 else 1
+            p = f"s{stage}b{i}"
+            reshape = strides != 1 or x.shape[-1] != channels
+            if preactivation:
+                y = layers.norm_act(x, f"{p}_norm1")
+                branch_in = y
+            else:
+                y = x
+                branch_in = x
+            y = layers.conv(y, channels, 3, strides, f"{p}_conv1")
+            y = layers.norm_act(y, f"{p}_norm{1 if not preactivation else 2}")
+            y = layers.map_dropout(y, f"{p}_dropout", ("dropout", "spatial"))
+            y = layers.conv(y, channels, 3, 1, f"{p}_conv2")
+            if not preactivation and spec.placement == "before":
+                y = layers.norm(y, f"{p}_norm2")
+            if drop_rates is not None:
+                y = tfnorm.DropPath(drop_rates[block], name=f"{p}_droppath")(y)
+            if not reshape:
+                skip = x
+            elif shortcut == "A":
+                skip = ZeroPadShortcut(channels, strides, name=f"{p}_skip")(x)
+            else:
+                # The projection sees what the branch sees: the
+                # pre-activated input in the pre-activation form.
+                skip = layers.conv(
+                    branch_in, channels, 1, strides, f"{p}_skip", False
+                )
+                if not preactivation:
+                    skip = layers.norm(skip, f"{p}_skip_norm")
+            x = keras.layers.Add(name=f"{p}_add")([skip, y])
+            if not preactivation:
+                if spec.placement == "before":
+                    x = layers.act(x)
+                else:
+                    x = layers.norm_act(x, f"{p}_norm_out")
+            if stage > 1:
+                x = layers.map_dropout(x, f"{p}_dropblock", ("dropblock",))
+            block += 1
+    if preactivation:
+        x = layers.norm_act(x, "final_norm")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.logits(x, num_classes)
+    kind = "preresnet" if preactivation else "resnet"
+    return keras.Model(inputs, outputs, name=f"{kind}{depth}_{variant}")
+
+
+VGG_LAYERS = {
+    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    16: (
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+    ),
+}
+
+
+def build_vgg(
+    depth,
+    input_shape,
+    num_classes,
+    variant="bn_before",
+    width=1.0,
+    placement=None,
+    dropout=None,
+    **options,
+):
+    """Builds VGG-11 or VGG-16 for 32x32 inputs (Simonyan & Zisserman).
+
+    The convolutional stack of the ImageNet network, 3x3 convolutions
+    with `conv -> norm -> act`, five 2x2 max-poolings that take 32x32 to
+    1x1, then a single linear classifier on the 512 features instead of
+    ImageNet's three large dense layers, as CIFAR versions (and the
+    network of Santurkar et al.) do. Dropout flavors go after each
+    pooling.
+
+    Args:
+        depth: 11 or 16.
+        input_shape: `(32, 32, c)` (any side of at least 32).
+        width: Multiplies the channel counts.
+        Others: as for `build_resnet`.
+    """
+    if depth not in VGG_LAYERS:
+        raise ValueError(
+            f"VGG depth must be one of {sorted(VGG_LAYERS)}. "
+            f"Received: depth={depth!r}"
+        )
+    spec = resolve(variant, placement, dropout)
+    layers = _Layers(spec, **options)
+    layers.refuse(f"vgg{depth}", ("droppath",))
+    inputs = keras.Input(shape=tuple(input_shape), name="inputs")
+    x = _as_map(inputs, 2)
+    if min(x.shape[1:3]) < 32:
+        raise ValueError(
+            "VGG's five poolings need inputs of at least 32x32. "
+            f"Received: input_shape={tuple(input_shape)}"
+        )
+    conv = pool = 0
+    for item in VGG_LAYERS[depth]:
+        if item == "M":
+            pool += 1
+            x = keras.layers.MaxPooling2D(2, name=f"pool_{pool}")(x)
+            x = layers.map_dropout(x, f"dropout_{pool}")
+            continue
+        conv += 1
+        channels = max(1, round(item * width))
+        x = layers.conv(x, channels, 3, 1, f"conv_{conv}")
+        x = layers.norm_act(x, f"norm_{conv}")
+    x = keras.layers.Flatten(name="flatten")(x)
+    outputs = layers.logits(x, num_classes)
+    return keras.Model(inputs, outputs, name=f"vgg{depth}_{variant}")
+
+
+def build_convnet(
+    rank,
+    input_shape,
+    num_classes,
+    variant="bn_before",
+    filters=(32, 64, 64),
+    width=1.0,
+    placement=None,
+    dropout=None,
+    **options,
+):
+    """Builds a small conv net for MNIST-1D (rank 1) or 28x28 digits (2).
+
+    `len(filters)` blocks of `conv -> norm -> act -> [dropout]`, the first
+    with stride 1 and the others with stride 2 (kernel 5 in 1-D, 3 in
+    2-D), then the flattened maps into the classifier. Flattening rather
+    than pooling keeps where a feature was, which MNIST-1D's digits need.
+
+    Args:
+        rank: 1 or 2.
+        input_shape: `(length,)` or `(length, c)` for rank 1; `(h, w)`,
+            `(h, w, c)` or a flat square image for rank 2.
+        filters: Channels of each block, before `width`.
+        Others: as for `build_resnet`.
+    """
+    if rank not in (1, 2):
+        raise ValueError(f"`rank` must be 1 or 2. Received: rank={rank!r}")
+    spec = resolve(variant, placement, dropout)
+    layers = _Layers(spec, **options)
+    layers.refuse(f"convnet{rank}d", ("droppath",))
+    inputs = keras.Input(shape=tuple(input_shape), name="inputs")
+    x = _as_map(inputs, rank)
+    kernel = 5 if rank == 1 else 3
+    for i, channels in enumerate(filters, start=1):
+        channels = max(1, round(channels * width))
+        x = layers.conv(x, channels, kernel, 1 if i == 1 else 2, f"conv_{i}")
+        x = layers.norm_act(x, f"norm_{i}")
+        x = layers.map_dropout(x, f"dropout_{i}")
+    x = keras.layers.Flatten(name="flatten")(x)
+    outputs = layers.logits(x, num_classes)
+    return keras.Model(inputs, outputs, name=f"convnet{rank}d_{variant}")
+
+
+RESNET_DEPTHS = (20, 32, 44, 56, 110)
+_RESNET_NAME = re.compile(r"(pre)?resnet(\d+)")
+
+
+def model_names():
+    """The model names `build` accepts (any `resnet{6n+2}` in addition)."""
+    return (
+        ["mlp", "convnet1d", "convnet2d", "vgg11", "vgg16"]
+        + [f"resnet{d}" for d in RESNET_DEPTHS]
+        + [f"preresnet{d}" for d in RESNET_DEPTHS]
+    )
+
+
+def check_model(name):
+    """Raises a `ValueError` listing the valid names if `name` is unknown."""
+    match = _RESNET_NAME.fullmatch(name)
+    if name in model_names() or (
+        match and int(match[2]) >= 8 and (int(match[2]) - 2) % 6 == 0
+    ):
+        return
+    raise ValueError(
+        f"Unknown model '{name}'. Valid models: "
+        f"{', '.join(model_names())} (and any resnet/preresnet of depth "
+        "6 n + 2)."
+    )
+
+
+# The options only some builders take; `build` passes each builder its own.
+_MLP_ONLY = ("hidden_units", "activation")
+_CONV_ONLY = ("width", "shortcut")
+
+
+def build(name, input_shape, num_classes, variant="none", **options):
+    """Builds the model registered as `name` for the given variant.
+
+    Args:
+        name: A name from `model_names()`, or `resnet{d}`/`preresnet{d}`.
+        input_shape: Shape of one example.
+        num_classes: Number of output logits.
+        variant: A name in `VARIANTS`.
+        **options: Passed to the builder; options meant for another kind
+            of model (`hidden_units` for a ResNet, `width` for the MLP,
+            `shortcut` for a non-ResNet) are dropped.
+    """
+    check_model(name)
+    drop = _CONV_ONLY if name == "mlp" else _MLP_ONLY
+    if _RESNET_NAME.fullmatch(name) is None:
+        drop = drop + ("shortcut",)
+    options = {k: v for k, v in options.items() if k not in drop}
+    if name == "mlp":
+        return build_mlp(input_shape, num_classes, variant, **options)
+    if name.startswith("convnet"):
+        return build_convnet(
+            int(name[7]), input_shape, num_classes, variant, **options
+        )
+    if name.startswith("vgg"):
+        return build_vgg(
+            int(name[3:]), input_shape, num_classes, variant, **options
+        )
+    match = _RESNET_NAME.fullmatch(name)
+    return build_resnet(
+        int(match[2]),
+        input_shape,
+        num_classes,
+        variant,
+        preactivation=bool(match[1]),
+        **options,
+    )
+
+
+def preactivation_model(model, max_layers=None):
     """A model mapping `model`'s inputs to each activation's input.
 
     The outputs are a dict keyed by the activation layers' names. It shares
     weights with `model`, so it always shows the current pre-activations.
+    With `max_layers`, only that many activations, evenly spaced from the
+    first to the last, are probed (a ResNet-110 has 109).
     """
     acts = [
         layer
         for layer in model.layers
         if isinstance(layer, keras.layers.Activation)
     ]
+    if max_layers is not None and len(acts) > max_layers:
+        picks = {
+            round(i * (len(acts) - 1) / (max_layers - 1))
+            for i in range(max_layers)
+        }
+        acts = [acts[i] for i in sorted(picks)]
     outputs = {layer.name: layer.input for layer in acts}
     # The single input tensor, not a one-element list: the probe is called
     # with a plain array.

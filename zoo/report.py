@@ -3,6 +3,8 @@
 The report reads finished run folders only (`config.json`, `result.json`,
 `metrics.jsonl`), never live objects, so it can summarize old runs as
 well as the grid that just finished: `tfnorm-zoo report runs/basics`.
+With several experiment folders (or a log directory holding them),
+`write_summary` adds one table across experiments.
 """
 
 import dataclasses
@@ -16,6 +18,7 @@ from pathlib import Path
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "val_accuracy.png"
+SUMMARY_FILE = "summary.md"
 
 
 @dataclasses.dataclass
@@ -28,7 +31,7 @@ class Run:
 
 @dataclasses.dataclass
 class Row:
-    """One variant's line in the table."""
+    """One arm's line in the table: a variant, at one learning rate."""
 
     variant: str
     runs: int
@@ -84,23 +87,37 @@ def load_runs(exp_dir):
     return runs
 
 
-def _variant_order(names):
-    # The registry's order reads from the baseline to the variations;
-    # unknown names (from another version of the zoo) go last.
+def _arm(run):
+    # Runs written before arms existed are labelled by their variant.
+    return run.result.get("arm", run.result["variant"])
+
+
+def _arm_order(runs):
+    """Arm labels by learning rate, then in the registry's variant order.
+
+    The registry's order reads from the baseline to the variations;
+    unknown variants (from another version of the zoo) go last.
+    """
     from zoo import models
 
-    known = [name for name in models.VARIANTS if name in names]
-    return known + sorted(set(names) - set(known))
+    known = list(models.VARIANTS)
+
+    def key(run):
+        variant = run.result["variant"]
+        rank = known.index(variant) if variant in known else len(known)
+        return (run.config["learning_rate"], rank, variant)
+
+    return list(dict.fromkeys(_arm(run) for run in sorted(runs, key=key)))
 
 
 def summarize(runs):
-    """One `Row` per variant over its seeds."""
-    by_variant = {}
+    """One `Row` per arm over its seeds."""
+    by_arm = {}
     for run in runs:
-        by_variant.setdefault(run.result["variant"], []).append(run)
+        by_arm.setdefault(_arm(run), []).append(run)
     rows = []
-    for variant in _variant_order(by_variant):
-        group = by_variant[variant]
+    for variant in _arm_order(runs):
+        group = by_arm[variant]
         threshold = group[0].config["threshold"]
         accuracies, reached, diverged_at = [], [], []
         for run in group:
@@ -174,8 +191,7 @@ def plot(runs, rows, path):
         curves = [
             dict(run.val_curve)
             for run in runs
-            if run.result["variant"] == row.variant
-            and run.result["status"] == "completed"
+            if _arm(run) == row.variant and run.result["status"] == "completed"
         ]
         if not curves:
             continue
@@ -230,6 +246,55 @@ def tensorboard_command(exp_dir):
     return f"{program} --logdir {shlex.quote(str(exp_dir))}"
 
 
+def _model_text(config):
+    model = config.get("model", "mlp")
+    if model == "mlp":
+        hidden = config["hidden_units"]
+        return (
+            f"an MLP with {len(hidden)} hidden layers of {hidden[0]} units "
+            f"({config['activation']})"
+        )
+    width = config.get("width", 1.0)
+    return f"{model}" + (f" at {width:g}x width" if width != 1.0 else "")
+
+
+def describe(config, learning_rates):
+    """One sentence: the model and how it was trained."""
+    sgd = "SGD"
+    if config.get("momentum"):
+        nesterov = "Nesterov " if config.get("nesterov") else ""
+        sgd += f" with {nesterov}momentum {config['momentum']:g}"
+    if config.get("weight_decay"):
+        sgd += f", weight decay {config['weight_decay']:g},"
+    rates = ", ".join(f"{lr:g}" for lr in learning_rates)
+    plural = "s" if len(learning_rates) > 1 else ""
+    text = f"{_model_text(config)}, {sgd} at learning rate{plural} {rates}"
+    if config.get("lr_scaling", "none") != "none":
+        factor = config["scaled_learning_rate"] / config["learning_rate"]
+        text += (
+            f" (times {factor:.3g} for batch {config['batch_size']}, "
+            f"{config['lr_scaling']} rule from batch "
+            f"{config['base_batch_size']})"
+        )
+    boundaries = config.get("lr_boundaries") or []
+    if boundaries:
+        steps = ", ".join(str(round(f * config["steps"])) for f in boundaries)
+        text += f", multiplied by {config['lr_decay']:g} at steps {steps}"
+    text += f", batch {config['batch_size']}, {config['steps']} steps."
+    extras = []
+    if config.get("augment"):
+        extras.append("crop-and-flip augmentation")
+    if config.get("precision", "float32") != "float32":
+        extras.append(f"{config['precision']} precision")
+    if config.get("synchronized"):
+        extras.append("synchronized BN")
+    if config.get("strategy", "default") != "default":
+        extras.append(f"{config['strategy']} strategy")
+    if extras:
+        text += " " + ", ".join(extras).capitalize() + "."
+    return text
+
+
 def write_report(exp_dir):
     """Writes `report.md` and the plot into `exp_dir`.
 
@@ -253,16 +318,14 @@ def write_report(exp_dir):
     config = runs[0].config
     seeds = sorted({run.result["seed"] for run in runs})
     train_s = sum(run.result["wall_s"] for run in runs)
-    hidden = config["hidden_units"]
+    learning_rates = sorted({run.config["learning_rate"] for run in runs})
     text = [
         f"# {config['name']}",
         "",
         f"{len(runs)} runs ({len(rows)} variants, seeds "
-        f"{', '.join(map(str, seeds))}) on `{config['dataset']}`: an MLP with "
-        f"{len(hidden)} hidden layers of {hidden[0]} units "
-        f"({config['activation']}), SGD at learning rate "
-        f"{config['learning_rate']}, batch {config['batch_size']}, "
-        f"{config['steps']} steps. Training took {train_s:.0f} s in total.",
+        f"{', '.join(map(str, seeds))}) on `{config['dataset']}`: "
+        f"{describe(config, learning_rates)} "
+        f"Training took {train_s:.0f} s in total.",
         "",
         markdown_table(rows, runs),
         "",
@@ -286,3 +349,101 @@ def write_report(exp_dir):
     partial.write_text("\n".join(text))
     os.replace(partial, exp_dir / REPORT_FILE)
     return rows, runs
+
+
+def experiment_dirs(paths):
+    """The experiment folders among `paths`, or inside them.
+
+    A path with run folders is an experiment; a path without any (a log
+    directory such as `runs`) stands for the experiments inside it.
+
+    Raises:
+        FileNotFoundError: for a path with no finished run at all.
+    """
+    found = []
+    for path in map(Path, paths):
+        if any(path.glob("*/seed_*/result.json")):
+            found.append(path)
+            continue
+        inner = sorted(
+            p for p in path.glob("*") if any(p.glob("*/seed_*/result.json"))
+        )
+        if not inner:
+            raise FileNotFoundError(
+                f"No finished runs in {path}: expected folders "
+                "<variant>/seed_<n>/ with a result.json, as `tfnorm-zoo run` "
+                "writes them."
+            )
+        found.extend(inner)
+    return list(dict.fromkeys(found))
+
+
+def summary_rows(exp_dirs):
+    """`(experiment, model, dataset, Row)` for every arm of every folder."""
+    lines = []
+    for exp_dir in exp_dirs:
+        runs = load_runs(exp_dir)
+        config = runs[0].config
+        name = config["name"] + (" (smoke)" if config.get("smoke") else "")
+        for row in summarize(runs):
+            lines.append(
+                (name, config.get("model", "mlp"), config["dataset"], row)
+            )
+    return lines
+
+
+SUMMARY_HEADERS = (
+    "experiment",
+    "model",
+    "dataset",
+    "arm",
+    "final val accuracy",
+    "diverged",
+)
+
+
+def _summary_cells(line):
+    name, model, dataset, row = line
+    return (
+        name,
+        model,
+        dataset,
+        row.variant,
+        row.accuracy_text,
+        row.diverged_text,
+    )
+
+
+def write_summary(exp_dirs, path):
+    """Writes the cross-experiment table to `path`; returns its lines."""
+    lines = summary_rows(exp_dirs)
+    text = [
+        "# Summary",
+        "",
+        f"{len(exp_dirs)} experiments: "
+        + ", ".join(f"`{d}`" for d in exp_dirs)
+        + ". Final validation accuracy as mean ± sample standard deviation "
+        "over the seeds that did not diverge (n in brackets); each "
+        "experiment's report.md has the details.",
+        "",
+        "| " + " | ".join(SUMMARY_HEADERS) + " |",
+        "|" + "|".join("---" for _ in SUMMARY_HEADERS) + "|",
+    ]
+    for line in lines:
+        text.append("| " + " | ".join(_summary_cells(line)) + " |")
+    text.append("")
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    partial.write_text("\n".join(text))
+    os.replace(partial, path)
+    return lines
+
+
+def rich_summary(lines, title=None):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for header in SUMMARY_HEADERS:
+        table.add_column(header)
+    for line in lines:
+        table.add_row(*_summary_cells(line))
+    return table

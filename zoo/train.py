@@ -9,6 +9,15 @@ outcome, `completed` or `diverged` at a step, in `result.json`.
 A run folder is written under a temporary name and renamed into place
 only once complete, so a folder with `result.json` under its final name
 is always a finished run and an interrupted grid can be rerun safely.
+While it trains, the temporary folder holds a checkpoint written at every
+evaluation (weights, optimizer state, random-generator states, the
+logger's position); a run killed mid-way and started again with the same
+command continues from there and ends with the metrics an uninterrupted
+run would have (the data order and augmentation are functions of the
+step, see `zoo.data.train_dataset`).
+
+Runs train under a `tf.distribute` strategy (`get_strategy`), in mixed
+precision and with XLA when the experiment asks for them.
 """
 
 import json
@@ -27,6 +36,7 @@ from tensorboard.plugins.hparams import api as hp
 
 import tfnorm
 from zoo import data
+from zoo import experiments
 from zoo import models
 
 RESULT_FILE = "result.json"
@@ -34,10 +44,14 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 COMMAND_FILE = "command.txt"
 PARTIAL_SUFFIX = ".partial"
+CHECKPOINT_FILE = "checkpoint.npz"
 
 # Pre-activation histograms are computed on this many fixed validation
-# examples: enough for a smooth histogram, cheap at a low rate.
+# examples: enough for a smooth histogram, cheap at a low rate; and on at
+# most this many activations, evenly spaced through the network.
 PROBE_EXAMPLES = 256
+PROBE_LAYERS = 16
+HISTOGRAM_VALUES = 65_536
 
 
 def run_dir_for(exp_dir, variant, seed):
@@ -105,7 +119,11 @@ class RunLogger(keras.callbacks.Callback):
         outputs = self.probe(self.probe_inputs, training=False)
         with self.writer.as_default(step=self.step):
             for name, values in outputs.items():
-                tf.summary.histogram(f"preactivations/{name}", values)
+                values = tf.reshape(values, [-1])
+                # TensorBoard's bucketing costs seconds on a conv map of
+                # millions of values; an even stride keeps the shape.
+                stride = -(-int(values.shape[0]) // HISTOGRAM_VALUES)
+                tf.summary.histogram(f"preactivations/{name}", values[::stride])
 
     def on_train_begin(self, logs=None):
         self._histograms()
@@ -170,15 +188,17 @@ class RunLogger(keras.callbacks.Callback):
         )
 
 
-def _hparams(experiment, variant, seed):
+def _hparams(experiment, arm, seed):
     """The values the HPARAMS tab shows for one run."""
     return {
-        "variant": variant,
+        "variant": arm.variant,
         "seed": seed,
-        "learning_rate": experiment.learning_rate,
+        "learning_rate": arm.learning_rate,
         "batch_size": experiment.batch_size,
         "steps": experiment.steps,
         "dataset": experiment.dataset,
+        "model": experiment.model,
+        "precision": experiment.precision,
     }
 
 
@@ -193,12 +213,17 @@ def write_hparams_config(exp_dir, experiment):
     for old in exp_dir.glob("events.out.tfevents.*"):
         old.unlink()
     hparams = [
-        hp.HParam("variant"),
-        hp.HParam("seed"),
-        hp.HParam("learning_rate"),
-        hp.HParam("batch_size"),
-        hp.HParam("steps"),
-        hp.HParam("dataset"),
+        hp.HParam(name)
+        for name in (
+            "variant",
+            "seed",
+            "learning_rate",
+            "batch_size",
+            "steps",
+            "dataset",
+            "model",
+            "precision",
+        )
     ]
     metrics = [
         hp.Metric("val/accuracy", display_name="val accuracy"),
@@ -212,94 +237,435 @@ def write_hparams_config(exp_dir, experiment):
     writer.close()
 
 
-def train_run(experiment, variant, seed, run_dir, command=None, on_step=None):
-    """Trains one (variant, seed) run into `run_dir`; returns its result.
+# One strategy object per name and process: MultiWorkerMirroredStrategy
+# and TPU initialization may happen only once, before any other op.
+_STRATEGIES = {}
 
-    The folder is built as `<run_dir>.partial` and renamed to `run_dir` once
-    `result.json` is written. A leftover partial folder from an interrupted
-    run is discarded first.
+
+def get_strategy(name="default"):
+    """The `tf.distribute` strategy for `name`, created once per process.
+
+    - `default`: no distribution; one device (a GPU if there is one).
+    - `mirrored`: `MirroredStrategy` over every local GPU, or over every
+      logical CPU device when there is none (as the tests configure).
+    - `multiworker`: `MultiWorkerMirroredStrategy`; the cluster and this
+      process's task come from the `TF_CONFIG` environment variable.
+    - `tpu`: `TPUStrategy` on the TPU that `TPUClusterResolver` finds
+      (`TPU_NAME`, or the local TPU VM's own).
+
+    Raises:
+        ValueError: for `multiworker` without `TF_CONFIG`, or `tpu` when
+            no TPU can be reached.
     """
-    run_dir = Path(run_dir)
+    if name in _STRATEGIES:
+        return _STRATEGIES[name]
+    if name not in experiments.STRATEGIES:
+        raise ValueError(
+            f"Unknown strategy {name!r}. "
+            f"Valid: {', '.join(experiments.STRATEGIES)}."
+        )
+    if name == "default":
+        strategy = tf.distribute.get_strategy()
+    elif name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or (
+            tf.config.list_logical_devices("CPU")
+        )
+        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+    elif name == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError(
+                "--strategy multiworker needs the TF_CONFIG environment "
+                "variable on every worker, for example TF_CONFIG='"
+                '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                '"task": {"type": "worker", "index": 0}}\'.'
+            )
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+                tpu=os.environ.get("TPU_NAME", "local")
+            )
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, RuntimeError, tf.errors.OpError) as error:
+            raise ValueError(
+                f"--strategy tpu found no TPU ({error}). Run on a TPU VM, "
+                "or set TPU_NAME to the TPU's name or grpc:// address."
+            ) from error
+        strategy = tf.distribute.TPUStrategy(resolver)
+    _STRATEGIES[name] = strategy
+    return strategy
+
+
+def worker_role(strategy):
+    """`(is_chief, task_id)` of this process in a multi-worker cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    task_id = getattr(resolver, "task_id", None) or 0
+    if task_type is None or isinstance(strategy, tf.distribute.TPUStrategy):
+        return True, 0
+    cluster = resolver.cluster_spec().as_dict()
+    if "chief" in cluster:
+        return task_type == "chief", task_id
+    return task_type == "worker" and task_id == 0, task_id
+
+
+def _schedule(experiment, learning_rate):
+    """The learning rate: scaled for the batch, then decayed in steps."""
+    lr = learning_rate * experiment.lr_factor()
+    if not experiment.lr_boundaries:
+        return lr
+    boundaries = [round(f * experiment.steps) for f in experiment.lr_boundaries]
+    values = [lr * experiment.lr_decay**i for i in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def _weights_checksum(model):
+    """Sum of |w| over the trainable weights: equal on agreeing workers."""
+    return float(
+        sum(np.abs(keras.ops.convert_to_numpy(w)).sum() for w in model.weights)
+    )
+
+
+def _state_variables(model):
+    # Every layer variable (random-generator states included) and every
+    # optimizer variable (iterations, momenta, loss scale): what a
+    # resumed run needs to continue exactly.
+    return list(model.variables) + list(model.optimizer.variables)
+
+
+def save_checkpoint(path, model, meta):
+    """Writes the run's state and `meta` atomically to `path` (.npz)."""
+    arrays = {
+        f"v{i}": np.asarray(keras.ops.convert_to_numpy(v))
+        for i, v in enumerate(_state_variables(model))
+    }
+    partial = Path(path).with_name(Path(path).name + PARTIAL_SUFFIX)
+    with open(partial, "wb") as file:
+        np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+
+
+def load_checkpoint(path, model):
+    """Restores the state saved by `save_checkpoint`; returns its meta."""
+    with np.load(path) as saved:
+        meta = json.loads(str(saved["meta"]))
+        variables = _state_variables(model)
+        if len(saved.files) - 1 != len(variables):
+            raise ValueError(
+                f"{path} holds {len(saved.files) - 1} variables; the model "
+                f"and optimizer have {len(variables)}."
+            )
+        for i, variable in enumerate(variables):
+            variable.assign(saved[f"v{i}"])
+    return meta
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """Saves a resumable checkpoint after each evaluation.
+
+    It must come after the `RunLogger` in the callback list, so that the
+    checkpoint includes the validation line just written.
+    """
+
+    def __init__(self, path, logger, metrics_file, clock):
+        super().__init__()
+        self.path = path
+        self.logger = logger
+        self.metrics_file = metrics_file
+        self.clock = clock
+
+    def on_epoch_end(self, epoch, logs=None):
+        logger = self.logger
+        if logger.diverged_at is not None or logger.step >= logger.total_steps:
+            return
+        save_checkpoint(
+            self.path,
+            self.model,
+            {
+                "epoch": epoch + 1,
+                "step": logger.step,
+                "last_val": logger.last_val,
+                "metrics_bytes": self.metrics_file.tell(),
+                "wall_s": self.clock(),
+            },
+        )
+
+
+def _partial_dir(run_dir, config):
+    """The run's temporary folder, kept if it can resume, else emptied.
+
+    A checkpoint is only reused by the same configuration; anything else
+    (an interrupted run of another config, a folder without checkpoint)
+    is discarded.
+    """
     partial = run_dir.with_name(run_dir.name + PARTIAL_SUFFIX)
+    if (partial / CHECKPOINT_FILE).is_file():
+        try:
+            saved = json.loads((partial / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            saved = None
+        if saved == config:
+            return partial, True
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    config = experiment.run_config(variant, seed)
-    (partial / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return partial, False
+
+
+def train_run(
+    experiment,
+    variant,
+    seed,
+    run_dir,
+    command=None,
+    on_step=None,
+    learning_rate=None,
+    label=None,
+    data_dir=None,
+    callbacks=(),
+):
+    """Trains one run into `run_dir`; returns its result.
+
+    The folder is built as `<run_dir>.partial` and renamed to `run_dir` once
+    `result.json` is written. A leftover partial folder with a checkpoint
+    of the same configuration is resumed from it; any other is discarded
+    first.
+
+    Args:
+        experiment: An `Experiment`.
+        variant: A variant name of the registry.
+        seed: The run's seed.
+        run_dir: The run's final folder.
+        command: The command line to record; `sys.argv` if None.
+        on_step: Optional `on_step(step)` hook at each logging step.
+        learning_rate: The arm's learning rate, before batch scaling;
+            the experiment's if None.
+        label: The arm's label (folder and report row); `variant` if
+            None.
+        data_dir: Folder of prepared tfds data.
+        callbacks: More Keras callbacks for `fit`, for example tfnorm's
+            diagnostics; they run after the zoo's own logger.
+    """
+    run_dir = Path(run_dir)
+    learning_rate = (
+        experiment.learning_rate if learning_rate is None else learning_rate
+    )
+    config = experiment.run_config(variant, seed, learning_rate, label)
+    partial, resuming = _partial_dir(run_dir, config)
+    if not resuming:
+        (partial / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     if command is None:
         command = shlex.join(sys.argv)
     (partial / COMMAND_FILE).write_text(command + "\n")
 
-    split = data.load(experiment.dataset)
+    split = data.load(experiment.dataset, data_dir)
+    strategy = get_strategy(experiment.strategy)
+    replicas = strategy.num_replicas_in_sync
+    per_replica = experiment.batch_size // replicas
+    if experiment.batch_size % replicas or (
+        models.VARIANTS[variant].norm == "ghost"
+        and per_replica % experiment.virtual_batch_size
+    ):
+        raise ValueError(
+            f"batch_size={experiment.batch_size} over {replicas} replicas "
+            f"gives {experiment.batch_size / replicas:g} examples per "
+            "replica, which must be a whole number"
+            + (
+                f" and a multiple of virtual_batch_size="
+                f"{experiment.virtual_batch_size}."
+                if models.VARIANTS[variant].norm == "ghost"
+                else "."
+            )
+        )
     # Each run starts from a clean Keras state, so a long grid does not
     # accumulate the graphs of the runs before it.
     keras.backend.clear_session()
     # Seed after loading: MNIST-1D's generator reseeds the global RNGs.
     keras.utils.set_random_seed(seed)
-    train_ds, val_ds = data.pipelines(split, experiment.batch_size, seed)
-    model = models.build_mlp(
-        split.input_shape,
-        split.num_classes,
-        variant=variant,
-        hidden_units=experiment.hidden_units,
-        activation=experiment.activation,
-        virtual_batch_size=experiment.virtual_batch_size,
-        dropout_rate=experiment.dropout_rate,
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(experiment.precision)
+    try:
+        with strategy.scope():
+            model = models.build(
+                experiment.model,
+                split.input_shape,
+                split.num_classes,
+                variant,
+                hidden_units=experiment.hidden_units,
+                activation=experiment.activation,
+                width=experiment.width,
+                shortcut=experiment.shortcut,
+                virtual_batch_size=experiment.virtual_batch_size,
+                dropout_rate=experiment.dropout_rate,
+                dropblock_size=experiment.dropblock_size,
+                groups=experiment.groups,
+                synchronized=experiment.synchronized,
+                weight_decay=experiment.weight_decay,
+            )
+            model.compile(
+                optimizer=keras.optimizers.SGD(
+                    _schedule(experiment, learning_rate),
+                    momentum=experiment.momentum,
+                    nesterov=experiment.nesterov,
+                ),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True
+                ),
+                metrics=["accuracy"],
+                # Off by default: XLA gave no speed-up for the small MLPs
+                # on CPU and adds a compile pause to every run.
+                jit_compile=experiment.jit,
+            )
+            # Built now rather than at the first step, so that a
+            # checkpoint can fill its variables.
+            model.optimizer.build(model.trainable_variables)
+        meta = None
+        if resuming:
+            meta = load_checkpoint(partial / CHECKPOINT_FILE, model)
+        return _fit(
+            experiment,
+            model,
+            split,
+            strategy,
+            seed,
+            meta,
+            partial,
+            run_dir,
+            config,
+            on_step,
+            callbacks,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _train_input(experiment, split, strategy, seed, start_step):
+    options = dict(
+        batch_size=experiment.batch_size,
+        seed=seed,
+        start_step=start_step,
+        augment=experiment.augment,
+        normalize=experiment.normalize,
     )
-    model.compile(
-        optimizer=keras.optimizers.SGD(experiment.learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        # XLA gave no speed-up for these small MLPs on CPU and adds a
-        # compile pause to every run.
-        jit_compile=False,
+    if experiment.strategy == "default":
+        return data.train_dataset(split, **options)
+
+    def per_worker(context):
+        return data.train_dataset(
+            split,
+            num_pipelines=context.num_input_pipelines,
+            pipeline_id=context.input_pipeline_id,
+            replicas_per_pipeline=(
+                strategy.num_replicas_in_sync // context.num_input_pipelines
+            ),
+            **options,
+        )
+
+    # Each worker builds its own pipeline of per-replica slices.
+    return strategy.distribute_datasets_from_function(
+        per_worker,
+        tf.distribute.InputOptions(experimental_fetch_to_device=True),
+    )
+
+
+def _fit(
+    experiment,
+    model,
+    split,
+    strategy,
+    seed,
+    meta,
+    partial,
+    run_dir,
+    config,
+    on_step,
+    extra_callbacks,
+):
+    arm = experiments.Arm(
+        config["arm"], config["variant"], config["learning_rate"]
+    )
+    start_epoch = meta["epoch"] if meta else 0
+    start_step = meta["step"] if meta else 0
+    train_ds = _train_input(experiment, split, strategy, seed, start_step)
+    val_ds = data.val_dataset(
+        split, experiment.normalize, experiment.val_batch_size
     )
 
     steps = experiment.steps
     writer = tf.summary.create_file_writer(str(partial))
     started = time.time()
-    with open(partial / METRICS_FILE, "w") as metrics_file:
+    earlier_s = meta["wall_s"] if meta else 0.0
+
+    def clock():
+        return earlier_s + time.time() - started
+
+    mode = "r+" if meta else "w"
+    with open(partial / METRICS_FILE, mode) as metrics_file:
+        if meta:
+            # Lines written after the checkpoint are written again.
+            metrics_file.truncate(meta["metrics_bytes"])
+            metrics_file.seek(meta["metrics_bytes"])
+        # TPU models cannot be called eagerly on the host for the probe.
+        probe = None
+        if experiment.strategy != "tpu":
+            probe = models.preactivation_model(model, PROBE_LAYERS)
         logger = RunLogger(
             writer,
             metrics_file,
             total_steps=steps,
             log_every=experiment.log_every,
             histogram_every=experiment.histogram_every,
-            probe=models.preactivation_model(model),
-            probe_inputs=split.x_val[:PROBE_EXAMPLES],
+            probe=probe,
+            probe_inputs=split.model_inputs(
+                split.x_val[:PROBE_EXAMPLES], experiment.normalize
+            ),
             on_step=on_step,
         )
+        if meta:
+            logger.step = meta["step"]
+            logger.last_val = meta["last_val"]
         callbacks = [logger]
-        if models.uses_renorm(variant):
+        if models.uses_renorm(arm.variant):
             callbacks.append(
                 tfnorm.callbacks.RenormClippingSchedule(
                     warmup_steps=round(steps * experiment.renorm_warmup),
                     ramp_steps=round(steps * experiment.renorm_ramp),
                 )
             )
+        callbacks.extend(extra_callbacks)
+        callbacks.append(
+            Checkpointer(partial / CHECKPOINT_FILE, logger, metrics_file, clock)
+        )
         # The run's writer is the default one during fit so that the
         # renorm schedule records its clipping bounds next to the rest.
         with writer.as_default():
             model.fit(
                 train_ds,
                 epochs=math.ceil(steps / experiment.eval_every),
+                initial_epoch=start_epoch,
                 steps_per_epoch=experiment.eval_every,
                 validation_data=val_ds,
                 callbacks=callbacks,
-                # The pipeline already reshuffles with the run's seed.
+                # The pipeline already orders the data by the run's seed.
                 shuffle=False,
                 verbose=0,
             )
-    wall_s = time.time() - started
+    wall_s = clock()
 
     result = {
-        "variant": variant,
+        "variant": arm.variant,
+        "arm": arm.label,
         "seed": seed,
         "status": "completed" if logger.diverged_at is None else "diverged",
         "diverged_at": logger.diverged_at,
         "steps_run": logger.step,
         "final_val_accuracy": logger.last_val.get("accuracy"),
         "final_val_loss": logger.last_val.get("loss"),
+        "weights_checksum": _weights_checksum(model),
+        "resumed": meta is not None,
         "wall_s": round(wall_s, 3),
     }
     with writer.as_default(step=logger.step):
@@ -307,21 +673,35 @@ def train_run(experiment, variant, seed, run_dir, command=None, on_step=None):
             "outcome/diverged", float(logger.diverged_at is not None)
         )
         hp.hparams(
-            _hparams(experiment, variant, seed),
-            trial_id=f"{variant}/seed_{seed}",
+            _hparams(experiment, arm, seed),
+            trial_id=f"{arm.label}/seed_{seed}",
             start_time_secs=started,
         )
     writer.close()
+    (partial / CHECKPOINT_FILE).unlink(missing_ok=True)
     (partial / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     os.replace(partial, run_dir)
     return result
 
 
-def check_compatible(run_dir, experiment, variant, seed):
-    """Refuses to mix runs of different configs in one experiment folder."""
+def check_compatible(run_dir, experiment, arm, seed):
+    """Refuses to mix runs of different configs in one experiment folder.
+
+    A field missing from an older run's config counts as its default
+    value; the fields of `ENVIRONMENT_FIELDS` (where and how fast it
+    trained) never count.
+    """
     saved = json.loads((Path(run_dir) / CONFIG_FILE).read_text())
-    wanted = experiment.run_config(variant, seed)
-    changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+    wanted = experiment.run_config(
+        arm.variant, seed, arm.learning_rate, arm.label
+    )
+    defaults = experiments.Experiment("", "", ("none",)).run_config("", 0)
+    changed = sorted(
+        k
+        for k in wanted
+        if k not in experiments.ENVIRONMENT_FIELDS
+        and saved.get(k, defaults.get(k)) != wanted[k]
+    )
     if changed:
         details = ", ".join(
             f"{k}={saved.get(k)!r} there, {wanted[k]!r} now" for k in changed
@@ -334,20 +714,46 @@ def check_compatible(run_dir, experiment, variant, seed):
 
 
 def grid(experiment):
-    """The (variant, seed) pairs of an experiment, seed by seed.
+    """The (arm, seed) pairs of an experiment, seed by seed.
 
     Seed-major order means an interrupted grid already has one seed of
-    every variant to compare.
+    every arm to compare.
     """
     return [
-        (variant, seed)
+        (arm, seed)
         for seed in range(experiment.seeds)
-        for variant in experiment.variants
+        for arm in experiment.arms()
     ]
 
 
-def run_grid(experiment, logdir, console=None, command=None, after_run=None):
-    """Trains every (variant, seed) of `experiment` not yet finished.
+def experiment_dir(experiment, logdir, strategy=None):
+    """Where this process writes the experiment's run folders.
+
+    In a multi-worker cluster every worker trains (they take steps
+    together), but only the chief writes `logdir/<folder>`; worker `i`
+    writes `logdir/<folder>.worker<i>`, so that workers sharing a file
+    system never write the same files.
+    """
+    exp_dir = Path(logdir) / experiment.folder
+    if strategy is None:
+        return exp_dir
+    chief, task_id = worker_role(strategy)
+    return (
+        exp_dir
+        if chief
+        else exp_dir.with_name(f"{exp_dir.name}.worker{task_id}")
+    )
+
+
+def run_grid(
+    experiment,
+    logdir,
+    console=None,
+    command=None,
+    after_run=None,
+    data_dir=None,
+):
+    """Trains every (arm, seed) of `experiment` not yet finished.
 
     Finished runs under `logdir/<experiment folder>` are kept as they are,
     so rerunning the same command after an interruption only trains the
@@ -361,6 +767,7 @@ def run_grid(experiment, logdir, console=None, command=None, after_run=None):
         command: The command line to record in each run folder.
         after_run: Optional `after_run(result)` hook, called after each
             newly finished run.
+        data_dir: Folder of prepared tfds data.
 
     Returns:
         `(exp_dir, trained, skipped)`: the experiment folder and the
@@ -375,15 +782,18 @@ def run_grid(experiment, logdir, console=None, command=None, after_run=None):
     from rich.progress import TimeRemainingColumn
 
     console = console or Console()
-    exp_dir = Path(logdir) / experiment.folder
+    # First, before any other TensorFlow op: multi-worker and TPU
+    # strategies must be created at start-up.
+    strategy = get_strategy(experiment.strategy)
+    exp_dir = experiment_dir(experiment, logdir, strategy)
     runs = grid(experiment)
     todo = []
-    for variant, seed in runs:
-        run_dir = run_dir_for(exp_dir, variant, seed)
+    for arm, seed in runs:
+        run_dir = run_dir_for(exp_dir, arm.label, seed)
         if is_finished(run_dir):
-            check_compatible(run_dir, experiment, variant, seed)
+            check_compatible(run_dir, experiment, arm, seed)
         else:
-            todo.append((variant, seed))
+            todo.append((arm, seed))
     skipped = len(runs) - len(todo)
     write_hparams_config(exp_dir, experiment)
     if not todo:
@@ -411,29 +821,35 @@ def run_grid(experiment, logdir, console=None, command=None, after_run=None):
     with progress:
         overall = progress.add_task("grid", total=len(todo))
         steps = progress.add_task("steps", total=experiment.steps)
-        for i, (variant, seed) in enumerate(todo, start=1):
+        for i, (arm, seed) in enumerate(todo, start=1):
             index = skipped + i
             progress.update(
                 overall,
-                description=f"run {index}/{len(runs)}: {variant} seed {seed}",
+                description=f"run {index}/{len(runs)}: {arm.label} seed {seed}",
             )
             progress.reset(steps, total=experiment.steps)
             result = train_run(
                 experiment,
-                variant,
+                arm.variant,
                 seed,
-                run_dir_for(exp_dir, variant, seed),
+                run_dir_for(exp_dir, arm.label, seed),
                 command=command,
                 on_step=lambda step: progress.update(steps, completed=step),
+                learning_rate=arm.learning_rate,
+                label=arm.label,
+                data_dir=data_dir,
             )
             progress.advance(overall)
             if result["status"] == "diverged":
                 outcome = f"diverged at step {result['diverged_at']}"
             else:
                 outcome = f"val accuracy {result['final_val_accuracy']:.3f}"
+            resumed = (
+                ", resumed from its checkpoint" if result["resumed"] else ""
+            )
             console.print(
-                f"run {index}/{len(runs)} {variant} seed {seed}: {outcome} "
-                f"({result['wall_s']:.1f} s)"
+                f"run {index}/{len(runs)} {arm.label} seed {seed}: {outcome} "
+                f"({result['wall_s']:.1f} s{resumed})"
             )
             if after_run is not None:
                 after_run(result)

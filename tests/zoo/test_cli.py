@@ -3,8 +3,10 @@
 import pytest
 
 from zoo import cli
+from zoo import experiments
+from zoo import models
 
-VARIANTS = "none, bn_before, bn_after, ghost, renorm, noisy_bn, bn_dropout"
+VARIANTS = ", ".join(models.VARIANTS)
 
 
 def _error(capsys, argv):
@@ -20,7 +22,7 @@ def _error(capsys, argv):
         (
             ["run", "basic"],
             "tfnorm-zoo run: error: argument NAME: unknown experiment "
-            "'basic'. Valid experiments: basics.",
+            "'basic'. Valid experiments: <EXPERIMENTS>.",
         ),
         (
             ["run", "--variants", "bn_before,batchnorm,ghost"],
@@ -51,7 +53,9 @@ def _error(capsys, argv):
     ],
 )
 def test_bad_names_and_values_list_the_valid_choices(capsys, argv, message):
-    assert _error(capsys, argv) == message
+    # Filled in here, not at import: other modules may register more.
+    names = ", ".join(experiments.names())
+    assert _error(capsys, argv) == message.replace("<EXPERIMENTS>", names)
 
 
 def test_report_of_a_folder_without_runs_says_what_it_expected(
@@ -75,7 +79,7 @@ def test_help_everywhere(capsys, argv):
 def test_list_shows_one_line_per_experiment(capsys):
     assert cli.main(["list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1
+    assert [line.split()[0] for line in lines] == experiments.names()
     assert lines[0].startswith("basics ")
 
 
@@ -92,7 +96,30 @@ def test_ctrl_c_keeps_finished_runs_and_says_how_to_resume(
     assert (
         capsys.readouterr().out.split()
         == (
-            "Interrupted. Finished runs are kept; run the same command again "
-            "to train the missing ones."
+            "Interrupted. Finished runs are kept, and the run in progress "
+            "continues from its last checkpoint: run the same command "
+            "again to finish."
         ).split()
+    )
+
+
+def test_an_unavailable_dataset_fails_fast_and_says_how_to_provide_it(
+    capsys, monkeypatch, tmp_path
+):
+    from zoo import data
+
+    monkeypatch.setattr(
+        data, "_unreachable_reason", lambda: "no network in this test"
+    )
+    empty = tmp_path / "tfds"
+    argv = ["run", "resnet20-cifar10", "--steps", "1", "--seeds", "1"]
+    argv += ["--logdir", str(tmp_path / "runs"), "--data-dir", str(empty)]
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"tfnorm-zoo: error: Dataset 'cifar10' is not prepared in {empty} "
+        "and cannot be downloaded from this machine (no network in this "
+        'test). On a machine with a network, run `python -c "import '
+        "tensorflow_datasets as tfds; tfds.builder('cifar10')."
+        'download_and_prepare()"`, copy its ~/tensorflow_datasets folder '
+        "here and pass it with `--data-dir DIR` (or set TFDS_DATA_DIR)."
     )

@@ -51,8 +51,10 @@ def test_mnist1d_is_generated_offline():
     assert sorted(set(split.y_train.tolist())) == list(range(10))
 
 
-def test_tfds_sets_load_through_the_registry():
+def test_tfds_sets_load_through_the_registry(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
+    # The mock serves data without preparing it; skip the network probe.
+    monkeypatch.setattr(data, "_unreachable_reason", lambda: None)
     with tfds.testing.mock_data(
         num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE
     ):
@@ -60,12 +62,110 @@ def test_tfds_sets_load_through_the_registry():
     assert split.name == "tfds:mnist"
     assert split.x_train.shape == (12, 28, 28, 1)
     assert split.num_classes == 10
-    assert 0.0 <= split.x_train.min() and split.x_train.max() <= 1.0
+    # Images stay uint8 in memory; the pipelines scale them.
+    assert split.x_train.dtype == np.uint8 and split.scale == 255.0
+
+
+def test_mock_cifar10_through_the_real_pipeline(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "_unreachable_reason", lambda: None)
+    with tfds.testing.mock_data(
+        num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE
+    ):
+        split = data._load_tfds("cifar10")
+    assert split.input_shape == (32, 32, 3) and split.num_classes == 10
+    train, val = data.pipelines(
+        split, batch_size=16, seed=0, augment=True, normalize=True
+    )
+    x, y = next(iter(train))
+    assert x.shape == (16, 32, 32, 3) and x.dtype == "float32"
+    mean, std = split.channel_stats
+    assert mean.shape == std.shape == (3,)
+    # Standardized with the training set's own statistics.
+    plain = data.train_dataset(split, 40, seed=0, normalize=True)
+    values = next(iter(plain))[0].numpy()
+    np.testing.assert_allclose(values.mean(axis=(0, 1, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(values.std(axis=(0, 1, 2)), 1, atol=1e-3)
+    assert sum(int(b[1].shape[0]) for b in val) == 40
+
+
+def test_a_dataset_that_cannot_be_downloaded_fails_with_directions(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setattr(
+        data, "_unreachable_reason", lambda: "no network in this test"
+    )
+    with pytest.raises(data.DataUnavailableError) as info:
+        data._load_tfds("mnist", str(tmp_path))
+    assert str(info.value).startswith(
+        f"Dataset 'mnist' is not prepared in {tmp_path} and cannot be "
+        "downloaded from this machine (no network in this test)."
+    )
+    assert "--data-dir DIR" in str(info.value)
+
+
+def test_digits32_are_the_digits_padded_to_cifar_shape():
+    split = data.load("digits32")
+    digits = data.load("digits")
+    assert split.x_train.shape == (4000, 32, 32, 3)
+    assert split.x_train.dtype == np.uint8
+    np.testing.assert_array_equal(split.y_val, digits.y_val)
+    first = split.x_train[0, 2:30, 2:30, 0] / 255.0
+    np.testing.assert_allclose(
+        first, digits.x_train[0].reshape(28, 28), atol=0.5 / 255
+    )
+
+
+def test_training_batches_are_a_function_of_the_step():
+    split = data.load("digits32")
+    options = dict(batch_size=64, seed=3, augment=True, normalize=True)
+    steps = list(data.train_dataset(split, **options).take(66))
+    # A pipeline started at step 62 (62 full batches per pass: it crosses
+    # into the second pass) continues exactly.
+    later = list(data.train_dataset(split, start_step=62, **options).take(4))
+    for (x, y), (x0, y0) in zip(later, steps[62:], strict=True):
+        np.testing.assert_array_equal(x, x0)
+        np.testing.assert_array_equal(y, y0)
+    # Two replicas get the two halves of each global batch, in order.
+    halves = list(
+        data.train_dataset(split, replicas_per_pipeline=2, **options).take(4)
+    )
+    for i in range(2):
+        np.testing.assert_array_equal(
+            np.concatenate([halves[2 * i][0], halves[2 * i + 1][0]]),
+            steps[i][0],
+        )
+    # And worker 1 of 2 gets the second half.
+    worker = data.train_dataset(
+        split, num_pipelines=2, pipeline_id=1, **options
+    )
+    np.testing.assert_array_equal(next(iter(worker))[0], steps[0][0][32:])
+
+
+def test_augmentation_crops_within_the_padding_and_flips():
+    x = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 1)
+    out = data.augment_batch(x, np.array([0, 7])).numpy()
+    for original, crop in zip(x[..., 0], out[..., 0], strict=True):
+        padded = np.pad(original, 4)
+        found = [
+            (dy, dx, flip)
+            for dy in range(9)
+            for dx in range(9)
+            for flip in (False, True)
+            if np.array_equal(
+                crop,
+                np.fliplr(padded[dy : dy + 8, dx : dx + 8])
+                if flip
+                else padded[dy : dy + 8, dx : dx + 8],
+            )
+        ]
+        assert found, crop
 
 
 def test_unknown_dataset_lists_the_valid_names():
     with pytest.raises(ValueError) as info:
         data.check_name("mnist")
     assert str(info.value) == (
-        "Unknown dataset 'mnist'. Valid datasets: digits, mnist1d, tfds:NAME."
+        "Unknown dataset 'mnist'. Valid datasets: digits, digits32, mnist1d, "
+        "tfds:NAME."
     )

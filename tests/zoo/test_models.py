@@ -7,8 +7,14 @@ import pytest
 import tfnorm
 from zoo import models
 
+MLP_VARIANTS = [
+    name
+    for name, spec in models.VARIANTS.items()
+    if spec.dropout in (None, "dropout")
+]
 
-@pytest.mark.parametrize("variant", list(models.VARIANTS))
+
+@pytest.mark.parametrize("variant", MLP_VARIANTS)
 def test_every_variant_builds_and_exposes_its_preactivations(variant):
     model = models.build_mlp((784,), 10, variant, hidden_units=(8, 8, 8))
     x = np.random.default_rng(0).random((32, 784), dtype=np.float32)
@@ -18,7 +24,12 @@ def test_every_variant_builds_and_exposes_its_preactivations(variant):
     norms = [layer for layer in model.layers if layer.name.startswith("norm")]
     spec = models.VARIANTS[variant]
     assert len(norms) == (0 if spec.norm is None else 3)
-    assert all(isinstance(n, tfnorm.BatchNormalization) for n in norms)
+    kind = (
+        keras.layers.GroupNormalization
+        if spec.norm == "group"
+        else tfnorm.BatchNormalization
+    )
+    assert all(isinstance(n, kind) for n in norms)
 
 
 def test_placement_puts_bn_before_or_after_the_activation():
@@ -65,5 +76,128 @@ def test_unknown_variant_lists_the_valid_names():
         models.build_mlp((4,), 2, "batchnorm")
     assert str(info.value) == (
         "Unknown variant(s) 'batchnorm'. Valid variants: none, bn_before, "
-        "bn_after, ghost, renorm, noisy_bn, bn_dropout."
+        "bn_after, ghost, renorm, noisy_bn, bn_dropout, groupnorm, "
+        "stochastic_depth, dropblock, bn_spatial_dropout."
+    )
+
+
+def _trainable(model):
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize(
+    "name, expected, paper",
+    [
+        # He et al. (2016), Table 6: 0.27M and 0.85M parameters.
+        ("resnet20", 269_722, 0.27e6),
+        ("resnet56", 853_018, 0.85e6),
+    ],
+)
+def test_cifar_resnet_parameter_counts_match_the_paper(name, expected, paper):
+    model = models.build(name, (32, 32, 3), 10, "bn_before")
+    assert _trainable(model) == expected
+    assert abs(expected - paper) / paper < 0.01
+
+
+def test_option_b_shortcuts_add_projections_and_vgg16_has_its_size():
+    a = models.build("resnet8", (32, 32, 3), 10, "bn_before")
+    b = models.build("resnet8", (32, 32, 3), 10, "bn_before", shortcut="B")
+    # Two 1x1 projections (16->32, 32->64) with their BN scale and shift.
+    assert _trainable(b) - _trainable(a) == 16 * 32 + 32 * 64 + 2 * (32 + 64)
+    vgg = models.build("vgg16", (32, 32, 3), 10, "none")
+    # 13 convolutions and one linear classifier on 512 features.
+    assert _trainable(vgg) == 14_719_818
+
+
+MODELS = {
+    "resnet8": (32, 32, 3),
+    "preresnet8": (32, 32, 3),
+    "vgg11": (32, 32, 3),
+    "convnet1d": (40,),
+    "convnet2d": (784,),
+}
+
+
+@pytest.mark.parametrize("variant", list(models.VARIANTS))
+def test_every_variant_trains_in_a_resnet(variant):
+    model = models.build("resnet8", (32, 32, 3), 10, variant, width=0.5)
+    x = np.random.default_rng(0).random((8, 32, 32, 3), dtype=np.float32)
+    assert model(x, training=True).shape == (8, 10)
+    assert model(x, training=False).shape == (8, 10)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_builds_with_bn_and_its_dropout(name):
+    shape = MODELS[name]
+    dropout = "dropout" if name.startswith("convnet") else "dropblock"
+    model = models.build(
+        name, shape, 10, "bn_before", width=0.25, dropout=dropout
+    )
+    x = np.random.default_rng(0).random((4,) + shape, dtype=np.float32)
+    assert model(x, training=True).shape == (4, 10)
+    assert model.get_layer("logits").dtype_policy.compute_dtype == "float32"
+
+
+def test_stochastic_depth_follows_the_linear_depth_rule():
+    model = models.build("resnet20", (32, 32, 3), 10, "stochastic_depth")
+    drops = [layer for layer in model.layers if "droppath" in layer.name]
+    rates = [float(layer.rate) for layer in drops]
+    assert rates == pytest.approx(tfnorm.stochastic_depth_rates(9, 0.2))
+
+
+def test_groupnorm_and_sync_options_reach_the_layers():
+    gn = models.build("resnet8", (32, 32, 3), 10, "groupnorm")
+    norms = [
+        layer
+        for layer in gn.layers
+        if isinstance(layer, keras.layers.GroupNormalization)
+    ]
+    assert len(norms) == 7 and {n.groups for n in norms} == {8}
+    synced = models.build(
+        "resnet8", (32, 32, 3), 10, "bn_before", synchronized=True
+    )
+    bns = [
+        layer
+        for layer in synced.layers
+        if isinstance(layer, tfnorm.BatchNormalization)
+    ]
+    assert bns and all(layer.synchronized for layer in bns)
+
+
+def test_placement_in_a_resnet_block():
+    def order(placement):
+        model = models.build(
+            "resnet8", (32, 32, 3), 10, "bn_before", placement=placement
+        )
+        names = [layer.name for layer in model.layers]
+        start = names.index("s1b1_conv1")
+        return names[start : start + 3]
+
+    assert order("before") == ["s1b1_conv1", "s1b1_norm1", "act_2"]
+    assert order("after") == ["s1b1_conv1", "act_2", "s1b1_norm1"]
+
+
+def test_option_a_shortcut_subsamples_and_pads_with_zeros():
+    x = np.random.default_rng(0).random((2, 8, 8, 4), dtype=np.float32)
+    y = keras.ops.convert_to_numpy(models.ZeroPadShortcut(8)(x))
+    assert y.shape == (2, 4, 4, 8)
+    np.testing.assert_array_equal(y[..., 2:6], x[:, ::2, ::2, :])
+    assert not y[..., :2].any() and not y[..., 6:].any()
+
+
+def test_builders_refuse_what_does_not_fit():
+    with pytest.raises(ValueError) as info:
+        models.build("mlp", (784,), 10, "stochastic_depth")
+    assert str(info.value) == (
+        "Model 'mlp' has no place for dropout flavor 'droppath' (variant "
+        "'stochastic_depth'). DropPath needs residual branches: use a ResNet."
+    )
+    with pytest.raises(ValueError) as info:
+        models.build("resnet21", (32, 32, 3), 10)
+    assert str(info.value).startswith("Unknown model 'resnet21'. Valid models:")
+    with pytest.raises(ValueError) as info:
+        models.build("vgg11", (28, 28, 1), 10, "bn_before")
+    assert str(info.value) == (
+        "VGG's five poolings need inputs of at least 32x32. "
+        "Received: input_shape=(28, 28, 1)"
     )
