@@ -277,17 +277,24 @@ def write_summary(records, path, wall_s=None):
     ]
     if wall_s is not None:
         minutes, seconds = divmod(round(wall_s), 60)
-        lines += [f"Measured wall time: {minutes} min {seconds:02d} s.", ""]
+        lines += [
+            f"Wall time of this command: {minutes} min {seconds:02d} s "
+            "(runs already finished are kept, not retrained; each study's "
+            "training time is in the table).",
+            "",
+        ]
     lines += [
-        "| experiment | claim | paper | measured | seeds | verdict |",
-        "|---|---|---|---|---|---|",
+        "| experiment | claim | paper | measured | seeds | training | "
+        "verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for exp_dir, record in records:
         report_link = os.path.relpath(Path(exp_dir) / "report.md", path.parent)
         lines.append(
             f"| [{record['name']}]({report_link}) | {record['claim']} | "
             f"{record['paper_result']} | {record['headline']} | "
-            f"{record['seeds']} | **{record['verdict']}** |"
+            f"{record['seeds']} | {record['train_s']:.0f} s | "
+            f"**{record['verdict']}** |"
         )
     lines.append("")
     for exp_dir, record in records:
