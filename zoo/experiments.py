@@ -310,14 +310,15 @@ def basics():
 
     Command: `tfnorm-zoo run basics` (or just `tfnorm-zoo`).
 
-    Measured: 2 min 34 s for the 21 runs on 2 CPU cores (4 min 08 s while
-    other jobs' tests shared them); two runs gave the same numbers to the
-    last digit. Validation accuracy at step 600, mean ± std over 3 seeds:
-    none 0.100 (two seeds stuck at chance, one diverged at step 13),
-    bn_before 0.941 ± 0.004, bn_after 0.927 ± 0.011, ghost 0.940 ± 0.002,
-    renorm 0.955 ± 0.002, noisy_bn 0.935 ± 0.003, bn_dropout 0.942 ±
-    0.007. As in the paper, every BN variant trains where the plain net
-    fails, and noisy BN ends within a point of BN.
+    Measured: 3 min 19 s for the 21 runs on 2 CPU cores shared with other
+    jobs (2 min 34 s on idle cores before the data order became a function
+    of the step for exact resume, #5). Validation accuracy at step 600,
+    mean ± std over 3 seeds: none 0.100 (two seeds stuck at chance, one
+    diverged at step 20), bn_before 0.941 ± 0.003, bn_after 0.943 ±
+    0.003, ghost 0.940 ± 0.008, renorm 0.948 ± 0.009, noisy_bn 0.942 ±
+    0.010, bn_dropout 0.948 ± 0.005. As in the paper, every BN variant
+    trains where the plain net fails, and noisy BN ends within a point of
+    BN.
 
     A 784-6x256-10 ReLU MLP, Keras's default initialization, plain SGD at
     learning rate 1.0, batch 64, 600 steps (about 10 passes), on the 5,000
