@@ -141,3 +141,49 @@ def test_fit_under_mirrored_strategy(strategy, synchronized, tmp_path):
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5
     )
+
+
+def test_synchronized_gradients_equal_one_device(strategy):
+    # Each replica's loss is its share of the global mean, so the sum of
+    # the replicas' gradients must equal the one-device gradient, the
+    # cross-replica paths through the shared statistics included.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 6, 6, 3)).astype("float32")
+    t = rng.integers(0, 5, 16)
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="sum"
+    )
+
+    def make():
+        keras.utils.set_random_seed(0)
+        layers = [keras.Input((6, 6, 3))]
+        for _ in range(3):
+            layers += [
+                keras.layers.Conv2D(4, 3, padding="same", use_bias=False),
+                tfnorm.BatchNormalization(synchronized=True),
+                keras.layers.ReLU(),
+            ]
+        layers += [keras.layers.Flatten(), keras.layers.Dense(5)]
+        return keras.Sequential(layers)
+
+    single = make()
+    with tf.GradientTape() as tape:
+        value = loss(t, single(x, training=True)) / 16
+    expected = tape.gradient(value, single.trainable_variables)
+
+    with strategy.scope():
+        model = make()
+
+    def step(xi, ti):
+        with tf.GradientTape() as tape:
+            value = loss(ti, model(xi, training=True)) / 16
+        return tape.gradient(value, model.trainable_variables)
+
+    data = tf.data.Dataset.from_tensor_slices((x, t)).batch(16)
+    xs, ts = next(iter(strategy.experimental_distribute_dataset(data)))
+    got = tf.function(lambda a, b: strategy.run(step, args=(a, b)))(xs, ts)
+    for want, per_replica in zip(expected, got, strict=True):
+        total = sum(
+            v.numpy() for v in strategy.experimental_local_results(per_replica)
+        )
+        np.testing.assert_allclose(total, want.numpy(), rtol=1e-4, atol=1e-6)
