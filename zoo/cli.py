@@ -6,6 +6,8 @@ tfnorm-zoo run NAME [options]   run one experiment's grid
 tfnorm-zoo report DIR...        rebuild experiment reports; with several
                                 folders (or a log directory), also a
                                 summary across experiments
+tfnorm-zoo reproduce [--smoke]  run every paper study (CPU defaults) and
+                                write one page of claims and verdicts
 """
 
 import argparse
@@ -180,6 +182,31 @@ def _parser():
         help="experiment folders, or log directories holding them",
     )
 
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="run every paper study and write one page of verdicts",
+        description=(
+            "Run the CPU default of every paper study (zoo/studies; their "
+            "training summed to 32 min on 2 shared CPU cores), "
+            "write each one's report with its claim and verdict, and "
+            "write reproduction.md into the log directory: each claim, "
+            "the paper's number, what was measured, the verdict and the "
+            "plots. Finished runs are kept, so rerunning after an "
+            "interruption trains only the missing ones."
+        ),
+    )
+    reproduce.add_argument(
+        "--logdir",
+        default="runs",
+        metavar="DIR",
+        help="root folder for run folders and reports (default: runs)",
+    )
+    reproduce.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every study in smoke size (seconds each); the page says "
+        "that its verdicts mean nothing",
+    )
     return parser
 
 
@@ -190,9 +217,14 @@ def _format_seconds(seconds):
 
 def _print_report(console, exp_dir):
     from zoo import report
+    from zoo import studies
 
     rows, runs = report.write_report(exp_dir)
     console.print(report.rich_table(rows, runs, title=str(exp_dir)))
+    if runs[0].config["name"] in studies.STUDIES:
+        # A paper study's report adds the claim and the verdict.
+        record = studies.write_report(exp_dir)
+        console.print(f"Verdict: {record['verdict']} ({record['headline']})")
     console.print(f"Report: {exp_dir / report.REPORT_FILE}")
     console.print(f"Plot:   {exp_dir / report.PLOT_FILE}")
     console.print("Open the curves and histograms in TensorBoard with:")
@@ -229,7 +261,15 @@ def _run(args, parser, console):
     started = time.time()
     try:
         experiment = experiment.replace(**changes)
-        exp_dir, trained, skipped = train.run_grid(
+        from zoo import studies
+
+        # A paper study's runs also record its diagnostics.
+        run_grid = (
+            studies.run_grid
+            if experiment.name in studies.STUDIES
+            else train.run_grid
+        )
+        exp_dir, trained, skipped = run_grid(
             experiment,
             args.logdir,
             console=console,
@@ -298,6 +338,21 @@ def main(argv=None):
             lines = report.write_summary(exp_dirs, path)
             console.print(report.rich_summary(lines, title="summary"))
             console.print(f"Summary: {path}")
+        return 0
+    if args.command == "reproduce":
+        from zoo import studies
+
+        started = time.time()
+        path = studies.reproduce(
+            args.logdir,
+            smoke=args.smoke,
+            console=console,
+            command=shlex.join([PROG] + sys.argv[1:]),
+        )
+        console.print(f"Summary: {path}")
+        console.print(
+            f"Measured wall time: {_format_seconds(time.time() - started)}."
+        )
         return 0
     if args.command == "run":
         return _run(args, parser, console)

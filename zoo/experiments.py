@@ -532,3 +532,8 @@ def resnet110_stochastic_depth():
         threshold=0.94,
         **recipe,
     )
+
+
+# The paper studies (zoo/studies) register their experiments here; imported
+# last because they use `register` and `Experiment`.
+from zoo import studies  # noqa: E402, F401

@@ -48,7 +48,7 @@ def _error(capsys, argv):
         (
             ["train"],
             "tfnorm-zoo: error: argument COMMAND: invalid choice: 'train' "
-            "(choose from 'list', 'run', 'report')",
+            "(choose from 'list', 'run', 'report', 'reproduce')",
         ),
     ],
 )
@@ -68,7 +68,9 @@ def test_report_of_a_folder_without_runs_says_what_it_expected(
     )
 
 
-@pytest.mark.parametrize("argv", [[], ["list"], ["run"], ["report"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["list"], ["run"], ["report"], ["reproduce"]]
+)
 def test_help_everywhere(capsys, argv):
     with pytest.raises(SystemExit) as info:
         cli.main(argv + ["--help"])
