@@ -187,7 +187,7 @@ def _parser():
         help="run every paper study and write one page of verdicts",
         description=(
             "Run the CPU default of every paper study (zoo/studies; their "
-            "training summed to 32 min on 2 shared CPU cores), "
+            "training summed to 33 min on 2 shared CPU cores), "
             "write each one's report with its claim and verdict, and "
             "write reproduction.md into the log directory: each claim, "
             "the paper's number, what was measured, the verdict and the "

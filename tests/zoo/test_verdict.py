@@ -5,6 +5,7 @@ import pytest
 from zoo import verdict
 from zoo.studies import dropout_shift
 from zoo.studies import ioffe
+from zoo.studies import placement
 from zoo.studies import precise
 from zoo.studies import renorm
 from zoo.studies import santurkar
@@ -288,3 +289,20 @@ def test_ioffe_band_drift_is_the_std_of_each_percentile():
     ]
     # Stds 1, 0 and 0 over the two checkpoints.
     assert ioffe.band_drift(lines) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(
+    "after, expected",
+    [
+        (0.941, verdict.REPRODUCED),
+        (0.90, verdict.NOT_REPRODUCED),
+        (0.932, verdict.INCONCLUSIVE),
+    ],
+)
+def test_bn_placement_verdicts(after, expected):
+    accuracy = {
+        "bn_before": _seeds(0.94, 0.002),
+        "bn_after": _seeds(after, 0.002),
+    }
+    checks = placement.evaluate_placement(accuracy)
+    assert verdict.verdict(checks) == expected

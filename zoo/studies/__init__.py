@@ -357,3 +357,4 @@ from zoo.studies import ioffe  # noqa: E402, F401
 from zoo.studies import renorm  # noqa: E402, F401
 from zoo.studies import dropout_shift  # noqa: E402, F401
 from zoo.studies import precise  # noqa: E402, F401
+from zoo.studies import placement  # noqa: E402, F401
