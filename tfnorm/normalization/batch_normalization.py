@@ -695,10 +695,21 @@ class BatchNormalization(keras.layers.Layer):
             present = tf.cast(has_data, dtype)
             summed = ctx.all_reduce(
                 tf.distribute.ReduceOp.SUM,
-                tf.stack(
-                    [present, update_mean * present, update_variance * present]
+                tf.stop_gradient(
+                    tf.stack(
+                        [
+                            present,
+                            update_mean * present,
+                            update_variance * present,
+                        ]
+                    )
                 ),
             )
+            # Nothing downstream needs this collective, so without the
+            # dependency replicas could order it differently against the
+            # next layer's collectives and mismatch.
+            with tf.control_dependencies([summed]):
+                y = tf.identity(y)
             has_data = summed[0] > 0
             update_mean = tf.math.divide_no_nan(summed[1], summed[0])
             update_variance = tf.math.divide_no_nan(summed[2], summed[0])
