@@ -102,11 +102,7 @@ def train_and_watch(variant, seed=0):
         variant=variant,
         hidden_units=HIDDEN,
     )
-    model.compile(
-        optimizer=keras.optimizers.SGD(LEARNING_RATE),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    models.compile_sgd(model, LEARNING_RATE)
     probe = models.preactivation_model(model)
     order = np.random.default_rng(seed).permutation(len(digits.x_train))
     log = {"step": [], "percentiles": [], "drift": [], "ics": []}

@@ -46,11 +46,7 @@ def build(variant, learning_rate, seed=0):
         variant=variant,
         hidden_units=HIDDEN,
     )
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    models.compile_sgd(model, learning_rate)
     return model
 
 

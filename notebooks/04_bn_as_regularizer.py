@@ -45,11 +45,7 @@ def build(variant="bn_before", virtual_batch_size=16, learning_rate=0.1):
         hidden_units=HIDDEN,
         virtual_batch_size=virtual_batch_size,
     )
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    models.compile_sgd(model, learning_rate)
     return model
 
 

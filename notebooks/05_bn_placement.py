@@ -46,11 +46,7 @@ def build(variant, seed):
         variant=variant,
         hidden_units=HIDDEN,
     )
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.5),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    models.compile_sgd(model, 0.5)
     return model
 
 

@@ -417,6 +417,20 @@ class _Layers:
             )
 
 
+def compile_sgd(model, learning_rate):
+    """Compiles a logits classifier with plain SGD, as the zoo trains them.
+
+    Sparse categorical cross-entropy from logits and accuracy; the
+    notebooks and small studies use it so each does not repeat it.
+    """
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
 def build_mlp(
     input_shape,
     num_classes,
