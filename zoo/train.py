@@ -279,6 +279,9 @@ def get_strategy(name="default"):
                 '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                 '"task": {"type": "worker", "index": 0}}\'.'
             )
+        from zoo import multiworker
+
+        multiworker.apply()
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     else:
         try:

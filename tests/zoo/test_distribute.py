@@ -15,6 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tfnorm
 from zoo import experiments
@@ -86,15 +87,6 @@ def _free_ports(count):
     return ports
 
 
-# TODO(#5): under MultiWorkerMirroredStrategy, Keras 3.15's `fit` fails
-# before the first step in its first-batch build (`ValueError: Attempt to
-# convert a value (PerReplica:...)`), with a distributed or a plain
-# tf.data input alike; MirroredStrategy is unaffected.
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="#5: Keras 3.15 fit under MultiWorkerMirroredStrategy",
-)
 def test_two_local_workers_finish_and_agree(tmp_path):
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     command = [
@@ -161,3 +153,55 @@ def test_two_local_workers_finish_and_agree(tmp_path):
     # Only the chief writes the report.
     assert (chief / "report.md").is_file()
     assert not (other / "report.md").exists()
+
+
+def _tiny_fit(strategy):
+    keras.utils.set_random_seed(3)
+    x = np.random.default_rng(3).normal(size=(64, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    with strategy.scope():
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8),
+                tfnorm.BatchNormalization(),
+                keras.layers.Dense(2),
+            ]
+        )
+        model.compile(
+            "sgd",
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    return history.history, model.get_weights()
+
+
+def test_multiworker_workaround_leaves_other_strategies_alone():
+    # zoo.multiworker patches Keras's trainer for the whole process; every
+    # other strategy must train exactly as with Keras untouched.
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    from zoo import multiworker
+
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"],
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
+    before = _tiny_fit(strategy)
+    original = tf_trainer.reduce_per_replica
+    try:
+        multiworker.apply()
+        multiworker.apply()
+        assert tf_trainer.reduce_per_replica is multiworker._reduce_per_replica
+        after = _tiny_fit(strategy)
+    finally:
+        # Other tests in this process see Keras as installed.
+        tf_trainer.reduce_per_replica = original
+        tf_trainer.TensorFlowTrainer._maybe_symbolic_build = (
+            multiworker._original_symbolic_build
+        )
+        multiworker._applied = False
+    assert before[0] == after[0]
+    for a, b in zip(before[1], after[1], strict=True):
+        np.testing.assert_array_equal(a, b)
