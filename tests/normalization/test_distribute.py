@@ -1,5 +1,7 @@
 """MirroredStrategy over the two logical CPUs that conftest.py configures."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import tensorflow as tf
 
 import tfnorm
 from tests import reference as ref
+from tfnorm.normalization import _moments
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +23,22 @@ def strategy():
     return tf.distribute.MirroredStrategy(
         devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
     )
+
+
+@pytest.fixture(params=["float64", "float32_two_step"])
+def combination(request, monkeypatch):
+    """Runs a test with each way of combining replica moments.
+
+    The float32 two-step combination is what TPUs use (they have no
+    float64); here it is forced on CPU replicas.
+    """
+    if request.param == "float32_two_step":
+        monkeypatch.setattr(
+            _moments,
+            "all_reduce_moments",
+            functools.partial(_moments.all_reduce_moments, float64=False),
+        )
+    return request.param
 
 
 def _data(shape, seed=0, loc=0.0):
@@ -56,7 +75,9 @@ def _run_replicas(strategy, layer, parts, masks=None):
     [{}, {"renorm": True}, {"virtual_batch_size": 3}],
     ids=["plain", "renorm", "ghost"],
 )
-def test_synchronized_equals_one_device_on_global_batch(strategy, kwargs):
+def test_synchronized_equals_one_device_on_global_batch(
+    strategy, kwargs, combination
+):
     # Uneven replica batches (5 and 3 examples) must weigh by count.
     parts = [_data((5, 4, 3), 0, loc=1.0), _data((3, 4, 3), 1, loc=-2.0)]
     with strategy.scope():
@@ -149,7 +170,7 @@ def test_fit_under_mirrored_strategy(strategy, synchronized, tmp_path):
     )
 
 
-def test_synchronized_gradients_equal_one_device(strategy):
+def test_synchronized_gradients_equal_one_device(strategy, combination):
     # Each replica's loss is its share of the global mean, so the sum of
     # the replicas' gradients must equal the one-device gradient, the
     # cross-replica paths through the shared statistics included.
@@ -193,3 +214,37 @@ def test_synchronized_gradients_equal_one_device(strategy):
             v.numpy() for v in strategy.experimental_local_results(per_replica)
         )
         np.testing.assert_allclose(total, want.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("float64", [True, False])
+def test_combined_moments_keep_variance_of_large_mean_inputs(strategy, float64):
+    # Mean 1e4, std 1, uneven replicas: summing squares about zero in
+    # float32 would lose the variance entirely; both combinations keep it.
+    rng = np.random.default_rng(5)
+    parts = [
+        (rng.standard_normal((n, 3)) + 1e4 + i).astype("float32")
+        for i, n in enumerate((7, 2))
+    ]
+    full = np.concatenate(parts).astype(np.float64)
+
+    def value_fn(context):
+        return tf.constant(parts[context.replica_id_in_sync_group])
+
+    x = strategy.experimental_distribute_values_from_function(value_fn)
+
+    def combine(xi):
+        local = _moments.local_moments(xi, None, [0], -1)
+        ctx = tf.distribute.get_replica_context()
+        return tuple(_moments.all_reduce_moments(ctx, local, float64=float64))
+
+    out = tf.function(lambda v: strategy.run(combine, args=(v,)))(x)
+    for replica in range(2):
+        count, mean, m2 = (
+            strategy.experimental_local_results(v)[replica].numpy() for v in out
+        )
+        np.testing.assert_array_equal(count, 9)
+        np.testing.assert_allclose(mean, full.mean(0), rtol=1e-7)
+        # Each replica's float32 mean is rounded to about 5e-4 at 1e4,
+        # which moves the spread between replica means by about as much;
+        # squares summed about zero in float32 would be off by units.
+        np.testing.assert_allclose(m2 / 9, full.var(0), rtol=2e-3)

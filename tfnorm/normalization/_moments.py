@@ -59,8 +59,8 @@ def _per_channel(vector, rank, axis):
     return tf.reshape(vector, shape)
 
 
-def all_reduce_moments(ctx, moments):
-    """Combines per-replica moments into global ones with one all-reduce.
+def all_reduce_moments(ctx, moments, float64=None):
+    """Combines per-replica moments into global ones.
 
     Replicas may launch independent collectives (and their gradients, which
     are collectives too) in different orders, which TensorFlow reports as
@@ -70,11 +70,28 @@ def all_reduce_moments(ctx, moments):
     `sum_sq - n * mean^2` in float64, where that cancellation stays far
     below float32 precision (for means of 1e4 and unit variance, about
     1e-8 relative). Uneven replica batches weigh by their counts.
+
+    TPUs have no float64, and in float32 that cancellation would lose the
+    variance of large-mean inputs entirely. There the combination takes two
+    float32 all-reduces instead: count and sum give the global mean, then
+    each replica adds its m2 and its mean's spread about the global mean,
+    `m2 + n * (mean - global_mean)^2`, a sum of non-negative terms with
+    nothing to cancel. The second collective depends on the first's
+    result, and a TPU program runs its collectives in one compiled order
+    on every replica, so the reordering above cannot happen there.
+
+    Args:
+        ctx: The replica context.
+        moments: This replica's `Moments`.
+        float64: Whether to combine in one float64 all-reduce. `None`
+            chooses float64 everywhere but under `TPUStrategy`.
     """
+    if float64 is None:
+        float64 = not isinstance(ctx.strategy, tf.distribute.TPUStrategy)
+    if not float64:
+        return _all_reduce_moments_float32(ctx, moments)
     dtype = moments.mean.dtype
     count, mean, m2 = (tf.cast(v, tf.float64) for v in moments)
-    # TODO(#5): TPUs have no float64 all-reduce; TPUStrategy needs a
-    # shifted float32 combination here.
     total = ctx.all_reduce(
         tf.distribute.ReduceOp.SUM,
         tf.stack([count, count * mean, m2 + count * tf.square(mean)]),
@@ -87,6 +104,21 @@ def all_reduce_moments(ctx, moments):
         tf.cast(global_mean, dtype),
         tf.cast(total_m2, dtype),
     )
+
+
+def _all_reduce_moments_float32(ctx, moments):
+    """`all_reduce_moments` in two float32 collectives, for TPUs."""
+    count, mean, m2 = moments
+    total = ctx.all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.stack([count, count * mean])
+    )
+    total_count = total[0]
+    global_mean = tf.math.divide_no_nan(total[1], total_count)
+    total_m2 = ctx.all_reduce(
+        tf.distribute.ReduceOp.SUM,
+        m2 + count * tf.square(mean - global_mean),
+    )
+    return Moments(total_count, global_mean, total_m2)
 
 
 def combine(parts):
