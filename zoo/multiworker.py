@@ -22,7 +22,7 @@ runs use Keras untouched. Remove this module when Keras fixes the issue.
 """
 
 import tensorflow as tf
-from keras.src import tree
+from keras import tree
 from keras.src.backend.tensorflow import trainer as tf_trainer
 
 _applied = False
