@@ -70,7 +70,8 @@ def test_stochastic_depth_rates_follow_the_linear_rule():
 @pytest.mark.parametrize("num_blocks", [0, -1, 2.0, True])
 def test_stochastic_depth_rates_rejects_bad_num_blocks(num_blocks):
     message = (
-        f"`num_blocks` must be a positive int. Received: num_blocks="
+        "Argument `num_blocks` must be a positive integer. Received: "
+        f"num_blocks="
         f"{num_blocks!r}"
     )
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -152,6 +152,9 @@ def test_regression_output_has_no_entropy():
 @pytest.mark.parametrize("samples", [0, -3, 2.5, True])
 def test_samples_below_one_is_rejected(samples):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.5)])
-    message = f"`samples` must be a positive int. Received: samples={samples!r}"
+    message = (
+        "Argument `samples` must be a positive integer. "
+        f"Received: samples={samples!r}"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         mc_predict(model, np.ones((2, 3)), samples=samples)

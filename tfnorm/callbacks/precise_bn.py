@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfnorm import _checks
 from tfnorm.normalization import BatchNormalization
 
 _BN_TYPES = (BatchNormalization, keras.layers.BatchNormalization)
@@ -196,15 +197,7 @@ def precise_bn(model, dataset, num_batches=200):
     >>> bool(np.allclose(bn.moving_mean.numpy(), x.mean(0), atol=1e-6))
     True
     """
-    if (
-        isinstance(num_batches, bool)
-        or not isinstance(num_batches, int)
-        or num_batches < 1
-    ):
-        raise ValueError(
-            "Argument `num_batches` must be a positive integer. "
-            f"Received: num_batches={num_batches!r}"
-        )
+    num_batches = _checks.positive_int(num_batches, "num_batches")
     layers = bn_layers(model)
     moments = {id(layer): _PooledMoments() for layer in layers}
     # Every non-trainable variable of the BN layers, to undo the moving
@@ -291,15 +284,7 @@ class PreciseBN(keras.callbacks.Callback):
 
     def __init__(self, dataset, num_batches=200):
         super().__init__()
-        if (
-            isinstance(num_batches, bool)
-            or not isinstance(num_batches, int)
-            or num_batches < 1
-        ):
-            raise ValueError(
-                "Argument `num_batches` must be a positive integer. "
-                f"Received: num_batches={num_batches!r}"
-            )
+        num_batches = _checks.positive_int(num_batches, "num_batches")
         if iter(dataset) is dataset:
             # A generator or iterator is used up by the first epoch, and
             # the second would fail only after a whole epoch of training.

@@ -23,6 +23,8 @@ generator's position is not saved: a loaded layer restarts its sequence from
 its seed, as Keras's own dropout layers do.
 """
 
+import copy
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -226,3 +228,42 @@ def kernel_of(layer, wrapper_name):
             f"Received: layer={type(layer).__name__}(name={layer.name!r})"
         )
     return kernel
+
+
+class KernelWrapper(RateVariableMixin, keras.layers.Wrapper):
+    """A dropout wrapper around a layer with a `kernel` (Dense, Conv...).
+
+    It runs without autocast: the subclass computes its rate and masks in
+    float32 and the wrapped layer casts to its own compute dtype. Its
+    output shape is the wrapped layer's.
+    """
+
+    def __init__(self, layer, **kwargs):
+        kwargs["autocast"] = False
+        super().__init__(layer, **kwargs)
+
+    def _kernel(self):
+        return kernel_of(self.layer, type(self).__name__)
+
+    def _check_kernel_if_built(self):
+        if self.layer.built:
+            self._kernel()
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        self._kernel()
+        self.built = True
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # Keras's Wrapper.from_config pops "layer" from the dict it is given;
+        # a copy leaves the caller's config intact.
+        return super().from_config(copy.deepcopy(config), custom_objects)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("autocast", None)
+        return config

@@ -1,15 +1,13 @@
 """Concrete dropout: a dropout rate learned by gradient descent."""
 
-import copy
 import math
 
 import keras
 import numpy as np
 from keras import ops
 
-from tfnorm.dropout.base import RateVariableMixin
+from tfnorm.dropout.base import KernelWrapper
 from tfnorm.dropout.base import float32_repr
-from tfnorm.dropout.base import kernel_of
 
 # Keeps log(u) and log(1 - u) finite for uniforms at the ends of [0, 1).
 _EPSILON = 1e-7
@@ -29,7 +27,7 @@ def _check_nonnegative(value, name):
 
 
 @keras.saving.register_keras_serializable(package="tfnorm")
-class ConcreteDropout(RateVariableMixin, keras.layers.Wrapper):
+class ConcreteDropout(KernelWrapper):
     """Dropout on the inputs of a wrapped layer, with a learned rate.
 
     The drop rate `p` is a weight: `p = sigmoid(rate_logit)`, trained with
@@ -112,9 +110,8 @@ class ConcreteDropout(RateVariableMixin, keras.layers.Wrapper):
         seed=None,
         **kwargs,
     ):
-        # No autocast: the rate, the relaxed mask and the regularizer are
-        # computed in float32; the wrapped layer casts to its compute dtype.
-        kwargs["autocast"] = False
+        # Without autocast (KernelWrapper) the rate, the relaxed mask and
+        # the regularizer are computed in float32.
         super().__init__(layer, **kwargs)
         self.weight_regularizer = _check_nonnegative(
             weight_regularizer, "weight_regularizer"
@@ -158,8 +155,7 @@ class ConcreteDropout(RateVariableMixin, keras.layers.Wrapper):
             trainable=True,
             autocast=False,
         )
-        if self.layer.built:
-            kernel_of(self.layer, type(self).__name__)
+        self._check_kernel_if_built()
 
     @property
     def rate(self):
@@ -167,15 +163,8 @@ class ConcreteDropout(RateVariableMixin, keras.layers.Wrapper):
         logit = float(ops.convert_to_numpy(self.rate_logit.value))
         return float32_repr(1.0 / (1.0 + math.exp(-logit)))
 
-    def build(self, input_shape=None):
-        super().build(input_shape)
-        kernel_of(self.layer, type(self).__name__)
-        self.built = True
-
     def _regularizer(self, rate):
-        kernel = ops.convert_to_tensor(
-            kernel_of(self.layer, type(self).__name__).value
-        )
+        kernel = ops.convert_to_tensor(self._kernel().value)
         kernel = ops.cast(kernel, "float32")
         weight_term = ops.sum(ops.square(kernel)) / (1.0 - rate)
         neg_entropy = rate * ops.log(rate) + (1.0 - rate) * ops.log1p(-rate)
@@ -205,18 +194,8 @@ class ConcreteDropout(RateVariableMixin, keras.layers.Wrapper):
             x = ops.cast(x, "float32")
         return self.layer(x * ops.cast(factor, x.dtype))
 
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        # Keras's Wrapper.from_config pops "layer" from the dict it is given;
-        # a copy leaves the caller's config intact.
-        return super().from_config(copy.deepcopy(config), custom_objects)
-
     def get_config(self):
         config = super().get_config()
-        config.pop("autocast", None)
         config.update(
             {
                 "weight_regularizer": self.weight_regularizer,

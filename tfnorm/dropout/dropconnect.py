@@ -1,16 +1,13 @@
 """DropConnect: dropout of the weights of a wrapped layer."""
 
-import copy
-
 import keras
 from keras import ops
 
-from tfnorm.dropout.base import RateVariableMixin
-from tfnorm.dropout.base import kernel_of
+from tfnorm.dropout.base import KernelWrapper
 
 
 @keras.saving.register_keras_serializable(package="tfnorm")
-class DropConnect(RateVariableMixin, keras.layers.Wrapper):
+class DropConnect(KernelWrapper):
     """Drops entries of the kernel of a wrapped Dense or convolution layer.
 
     Where dropout zeroes activations, DropConnect zeroes weights: at every
@@ -67,26 +64,18 @@ class DropConnect(RateVariableMixin, keras.layers.Wrapper):
     """
 
     def __init__(self, layer, rate=0.5, seed=None, **kwargs):
-        # No autocast: the kernel must be read in its float32 storage dtype,
-        # so that masking and scaling round once; the wrapped layer casts its
-        # inputs and the dropped kernel to its own compute dtype.
-        kwargs["autocast"] = False
+        # Without autocast (KernelWrapper) the kernel is read in its
+        # float32 storage dtype, so that masking and scaling round once.
         super().__init__(layer, **kwargs)
         self._init_rate(rate, seed)
-        if self.layer.built:
-            kernel_of(self.layer, type(self).__name__)
-
-    def build(self, input_shape=None):
-        super().build(input_shape)
-        kernel_of(self.layer, type(self).__name__)
-        self.built = True
+        self._check_kernel_if_built()
 
     def call(self, inputs, training=False):
         # `training` is not passed on: a kernel layer does not use it, and
         # an explicit value would leak into later sibling layers (Keras 3.15).
         if not training:
             return self.layer(inputs)
-        kernel = kernel_of(self.layer, type(self).__name__)
+        kernel = self._kernel()
         seed = self._next_seed()
         rate = self._rate_tensor()
         value = ops.convert_to_tensor(kernel.value)
@@ -120,17 +109,7 @@ class DropConnect(RateVariableMixin, keras.layers.Wrapper):
             self.add_loss(loss)
         return outputs
 
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        # Keras's Wrapper.from_config pops "layer" from the dict it is given;
-        # a copy leaves the caller's config intact.
-        return super().from_config(copy.deepcopy(config), custom_objects)
-
     def get_config(self):
         config = super().get_config()
-        config.pop("autocast", None)
         config.update(self._rate_config())
         return config

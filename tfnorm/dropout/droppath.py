@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from tfnorm import _checks
 from tfnorm.dropout.base import DropoutLayer
 from tfnorm.dropout.base import validate_rate
 
@@ -83,14 +84,6 @@ def stochastic_depth_rates(num_blocks, max_rate=0.5):
     >>> stochastic_depth_rates(4, max_rate=0.2)
     [0.05, 0.1, 0.15000000000000002, 0.2]
     """
-    if (
-        isinstance(num_blocks, bool)
-        or not isinstance(num_blocks, int)
-        or num_blocks < 1
-    ):
-        raise ValueError(
-            "`num_blocks` must be a positive int. "
-            f"Received: num_blocks={num_blocks!r}"
-        )
+    num_blocks = _checks.positive_int(num_blocks, "num_blocks")
     max_rate = validate_rate(max_rate, "max_rate")
     return [i / num_blocks * max_rate for i in range(1, num_blocks + 1)]

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfnorm import _checks
 from tfnorm.dropout.base import RateVariableMixin
 
 # Keras's own stochastic regularizers. The SpatialDropout classes derive from
@@ -70,18 +71,6 @@ def _training_forced(layers):
                 object.__delattr__(layer, "call")
             else:
                 object.__setattr__(layer, "call", previous)
-
-
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        ok = False
-    else:
-        ok = value >= 1
-    if not ok:
-        raise ValueError(
-            f"`{name}` must be a positive int. Received: {name}={value!r}"
-        )
-    return int(value)
 
 
 def _looks_like_probabilities(mean):
@@ -181,8 +170,8 @@ def mc_predict(
     >>> sorted(result)
     ['entropy', 'mean', 'std']
     """
-    samples = _check_positive_int(samples, "samples")
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    samples = _checks.positive_int(samples, "samples")
+    batch_size = _checks.positive_int(batch_size, "batch_size")
     if entropy not in (None, True, False):
         raise ValueError(
             f"`entropy` must be None, True or False. Received: entropy="
