@@ -12,7 +12,8 @@ dropout; the one normalization defined here, noisy BN, is an
 experimental probe that does not belong in the library.
 
 Models, by name (`build(name, ...)`): `mlp`; `convnet1d` (MNIST-1D) and
-`convnet2d` (28x28 digits); `vgg11`, `vgg16` (32x32 inputs); CIFAR
+`convnet2d` (28x28 digits), and their residual forms `resconvnet1d` and
+`resconvnet2d`; `vgg11`, `vgg16` (32x32 inputs); CIFAR
 ResNets `resnet20`, `resnet32`, `resnet44`, `resnet56`, `resnet110` (any
 `resnet{6n+2}`, such as the tests' `resnet8`) and their pre-activation
 forms `preresnet{depth}`.
@@ -759,6 +760,7 @@ def build_convnet(
     variant="bn_before",
     filters=(32, 64, 64),
     width=1.0,
+    residual=False,
     placement=None,
     dropout=None,
     **options,
@@ -770,18 +772,39 @@ def build_convnet(
     2-D), then the flattened maps into the classifier. Flattening rather
     than pooling keeps where a feature was, which MNIST-1D's digits need.
 
+    With `residual=True` (the models `resconvnet1d` and `resconvnet2d`)
+    each block's `conv -> norm -> act` is followed by one residual block
+    of the same width and length, `conv -> norm -> act -> conv -> norm`
+    added to an identity shortcut and activated, as in a CIFAR ResNet's
+    basic block; the dropout flavors then go after the addition. The
+    blocks of the plain net change their shape (stride or width), so
+    they have no identity shortcut to build on: the residual blocks are
+    what gives DropPath (the `droppath` flavor, with the linear depth
+    rule up to `dropout_rate`) a branch to drop, and the same network
+    serves every flavor, so that they can be compared fairly.
+
     Args:
         rank: 1 or 2.
         input_shape: `(length,)` or `(length, c)` for rank 1; `(h, w)`,
             `(h, w, c)` or a flat square image for rank 2.
         filters: Channels of each block, before `width`.
+        residual: Adds a residual block after each block.
         Others: as for `build_resnet`.
     """
     if rank not in (1, 2):
         raise ValueError(f"`rank` must be 1 or 2. Received: rank={rank!r}")
     spec = resolve(variant, placement, dropout)
     layers = _Layers(spec, **options)
-    layers.refuse(f"convnet{rank}d", ("droppath",))
+    kind = f"{'res' if residual else ''}convnet{rank}d"
+    if not residual:
+        layers.refuse(kind, ("droppath",))
+    drop_rates = (
+        tfnorm.stochastic_depth_rates(
+            len(filters), max_rate=layers.dropout_rate
+        )
+        if residual and spec.dropout == "droppath"
+        else None
+    )
     inputs = keras.Input(shape=tuple(input_shape), name="inputs")
     x = _as_map(inputs, rank)
     kernel = 5 if rank == 1 else 3
@@ -789,10 +812,26 @@ def build_convnet(
         channels = max(1, round(channels * width))
         x = layers.conv(x, channels, kernel, 1 if i == 1 else 2, f"conv_{i}")
         x = layers.norm_act(x, f"norm_{i}")
+        if residual:
+            p = f"res{i}"
+            y = layers.conv(x, channels, kernel, 1, f"{p}_conv1")
+            y = layers.norm_act(y, f"{p}_norm1")
+            y = layers.conv(y, channels, kernel, 1, f"{p}_conv2")
+            if spec.placement == "before":
+                y = layers.norm(y, f"{p}_norm2")
+            if drop_rates is not None:
+                y = tfnorm.DropPath(drop_rates[i - 1], name=f"{p}_droppath")(y)
+            x = keras.layers.Add(name=f"{p}_add")([x, y])
+            # BN after the activation normalizes the sum, as in
+            # `build_resnet`'s post-activation block.
+            if spec.placement == "before":
+                x = layers.act(x)
+            else:
+                x = layers.norm_act(x, f"{p}_norm_out")
         x = layers.map_dropout(x, f"dropout_{i}")
     x = keras.layers.Flatten(name="flatten")(x)
     outputs = layers.logits(x, num_classes)
-    return keras.Model(inputs, outputs, name=f"convnet{rank}d_{variant}")
+    return keras.Model(inputs, outputs, name=f"{kind}_{variant}")
 
 
 RESNET_DEPTHS = (20, 32, 44, 56, 110)
@@ -802,7 +841,8 @@ _RESNET_NAME = re.compile(r"(pre)?resnet(\d+)")
 def model_names():
     """The model names `build` accepts (any `resnet{6n+2}` in addition)."""
     return (
-        ["mlp", "convnet1d", "convnet2d", "vgg11", "vgg16"]
+        ["mlp", "convnet1d", "convnet2d", "resconvnet1d", "resconvnet2d"]
+        + ["vgg11", "vgg16"]
         + [f"resnet{d}" for d in RESNET_DEPTHS]
         + [f"preresnet{d}" for d in RESNET_DEPTHS]
     )
@@ -846,9 +886,15 @@ def build(name, input_shape, num_classes, variant="none", **options):
     options = {k: v for k, v in options.items() if k not in drop}
     if name == "mlp":
         return build_mlp(input_shape, num_classes, variant, **options)
-    if name.startswith("convnet"):
+    if "convnet" in name:
+        residual = name.startswith("res")
         return build_convnet(
-            int(name[7]), input_shape, num_classes, variant, **options
+            int(name[-2]),
+            input_shape,
+            num_classes,
+            variant,
+            residual=residual,
+            **options,
         )
     if name.startswith("vgg"):
         return build_vgg(

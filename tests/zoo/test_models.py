@@ -201,3 +201,55 @@ def test_builders_refuse_what_does_not_fit():
         "VGG's five poolings need inputs of at least 32x32. "
         "Received: input_shape=(28, 28, 1)"
     )
+
+
+def test_plain_convnet_keeps_its_parameter_count():
+    model = models.build("convnet1d", (40,), 10, "bn_before")
+    # Kernel 5, no conv biases before BN, 4 BN weights per channel,
+    # 64 channels x 10 positions into the 10 logits.
+    convs = 5 * (1 * 32 + 32 * 64 + 64 * 64)
+    norms = 4 * (32 + 64 + 64)
+    assert model.count_params() == convs + norms + 64 * 10 * 10 + 10
+    assert not [layer for layer in model.layers if "res" in layer.name]
+
+
+def test_residual_convnet_gives_droppath_a_branch_to_drop():
+    model = models.build("resconvnet1d", (40,), 10, "stochastic_depth")
+    drops = [layer for layer in model.layers if "droppath" in layer.name]
+    rates = [float(layer.rate) for layer in drops]
+    assert rates == pytest.approx(tfnorm.stochastic_depth_rates(3, 0.2))
+    # The first residual block adds its branch to its input `act_1`; with
+    # the branch always dropped, it passes that input on unchanged.
+    probe = keras.Model(
+        model.input,
+        [model.get_layer("act_1").output, model.get_layer("res1_add").output],
+    )
+    x = np.random.default_rng(0).random((8, 40), dtype=np.float32)
+    shortcut, added = (keras.ops.convert_to_numpy(t) for t in probe(x))
+    assert np.abs(added - shortcut).max() > 0.1
+    drops[0].rate = 0.999999
+    shortcut, added = probe(x, training=True)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(added), keras.ops.convert_to_numpy(shortcut)
+    )
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "bn_before",
+        "bn_dropout",
+        "bn_spatial_dropout",
+        "dropblock",
+        "stochastic_depth",
+    ],
+)
+def test_residual_convnet_is_the_same_network_for_every_flavor(variant):
+    model = models.build("resconvnet1d", (40,), 10, variant, width=0.5)
+    # Blocks of 16, 32 and 32 channels, each followed by a residual block
+    # of two convolutions; gamma and beta of three BN layers per block.
+    # The dropout layers' rates are not trained.
+    convs = 5 * (16 + 16 * 32 + 32 * 32) + 5 * 2 * (16**2 + 32**2 + 32**2)
+    norms = 2 * 3 * (16 + 32 + 32)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert trainable == convs + norms + 32 * 10 * 10 + 10
