@@ -37,6 +37,11 @@ SPLIT_SEED = 0
 # side, take a random 32x32 crop, flip left-right with probability 1/2.
 PAD = 4
 
+# How `train_dataset` draws each training batch: "iid", a seeded pass
+# over the shuffled data; "two_classes", half the batch from each of two
+# classes picked at random per step (Ioffe 2017's non-i.i.d. batches).
+BATCH_SAMPLINGS = ("iid", "two_classes")
+
 
 class DataUnavailableError(RuntimeError):
     """A dataset is neither prepared locally nor downloadable from here."""
@@ -251,6 +256,15 @@ def check_name(name):
     )
 
 
+def check_batch_sampling(sampling):
+    """Raises a `ValueError` listing the valid samplings if unknown."""
+    if sampling not in BATCH_SAMPLINGS:
+        raise ValueError(
+            f"Unknown batch_sampling {sampling!r}. "
+            f"Valid: {', '.join(BATCH_SAMPLINGS)}."
+        )
+
+
 @functools.lru_cache(maxsize=4)
 def load(name, data_dir=None):
     """Returns the `Split` registered under `name`, cached per process.
@@ -331,16 +345,20 @@ def train_dataset(
     num_pipelines=1,
     pipeline_id=0,
     replicas_per_pipeline=1,
+    sampling="iid",
 ):
     """The training pipeline: endless batches, each a function of its step.
 
-    Pass `p` over the data is a stateless permutation seeded by
-    `(seed, p)`; step `t` takes batch `t mod k` of pass `t // k` (with `k`
-    full batches per pass; the rest of each pass is dropped so that every
-    step normalizes over the same number of examples, which ghost BN needs
-    to split evenly). Augmentation is seeded by `(seed, t)`. So the
-    pipeline can start at any `start_step`, and a resumed run sees the
-    same batches as an uninterrupted one.
+    With `sampling="iid"`, pass `p` over the data is a stateless
+    permutation seeded by `(seed, p)`; step `t` takes batch `t mod k` of
+    pass `t // k` (with `k` full batches per pass; the rest of each pass
+    is dropped so that every step normalizes over the same number of
+    examples, which ghost BN needs to split evenly). With
+    `sampling="two_classes"`, step `t` picks two classes and half the
+    batch from each, without replacement within the batch, seeded by
+    `(seed, t)` (`two_class_batch`). Augmentation is seeded by
+    `(seed, t)`. So the pipeline can start at any `start_step`, and a
+    resumed run sees the same batches as an uninterrupted one.
 
     Under `tf.distribute`, `batch_size` is the global batch. Each input
     pipeline (one per worker) yields, per step, one slice of the global
@@ -359,7 +377,9 @@ def train_dataset(
         normalize: Subtract the per-channel mean, divide by the std.
         num_pipelines, pipeline_id, replicas_per_pipeline: From
             `tf.distribute.InputContext`; the defaults mean one device.
+        sampling: One of `BATCH_SAMPLINGS`: `"iid"` or `"two_classes"`.
     """
+    check_batch_sampling(sampling)
     n = len(split.x_train)
     per_pass = n // batch_size
     if per_pass < 1:
@@ -392,12 +412,16 @@ def train_dataset(
         batches = tf.reshape(order[: per_pass * batch_size], [per_pass, -1])
         return tf.data.Dataset.from_tensor_slices(batches)
 
-    indices = (
-        tf.data.Dataset.range(first_pass, sys.maxsize)
-        .flat_map(one_pass)
-        .skip(skip)
-    )
     steps = tf.data.Dataset.range(start_step, sys.maxsize)
+    if sampling == "two_classes":
+        draw = two_class_batch(split.y_train, batch_size, seed)
+        indices = steps.map(draw)
+    else:
+        indices = (
+            tf.data.Dataset.range(first_pass, sys.maxsize)
+            .flat_map(one_pass)
+            .skip(skip)
+        )
     ds = tf.data.Dataset.zip(steps, indices)
 
     starts = [
@@ -432,6 +456,61 @@ def train_dataset(
         tf.data.experimental.AutoShardPolicy.OFF
     )
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def two_class_batch(labels, batch_size, seed):
+    """A function from a step to the indices of a two-class batch.
+
+    Each step draws, statelessly from `(seed, step)`, two distinct
+    classes and `batch_size / 2` distinct examples of each. The two
+    halves are interleaved (a, b, a, b, ...), so that every replica's
+    slice of the global batch holds both classes too.
+
+    Args:
+        labels: The training labels, integers.
+        batch_size: Global batch size: even, and at most twice the size
+            of the smallest class.
+        seed: Integer seed of the draws.
+
+    Raises:
+        ValueError: when the batch cannot be split this way.
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    half = batch_size // 2
+    if batch_size % 2 or len(classes) < 2 or half > counts.min():
+        raise ValueError(
+            "batch_sampling='two_classes' draws half the batch from each of "
+            "two classes, so it needs an even batch of at most twice the "
+            f"smallest class ({counts.min()} examples) and two classes. "
+            f"Received: batch_size={batch_size}, {len(classes)} classes"
+        )
+    # Example indices grouped by class: class k owns the slice
+    # [offsets[k], offsets[k] + counts[k]).
+    members = tf.constant(np.argsort(labels, kind="stable"), tf.int32)
+    offsets = tf.constant(np.cumsum(counts) - counts, tf.int32)
+    counts = tf.constant(counts, tf.int32)
+    num_classes = len(classes)
+
+    def draw(step):
+        # Folded with 2 so that no draw shares its key with the crop (the
+        # `(seed, step)` key itself) or the flip (folded with 1).
+        key = tf.random.experimental.stateless_fold_in(
+            tf.stack([tf.constant(seed, tf.int64), step]), 2
+        )
+        pair = tf.random.experimental.stateless_shuffle(
+            tf.range(num_classes), seed=key
+        )[:2]
+        halves = []
+        for i in range(2):
+            k = pair[i]
+            owned = members[offsets[k] : offsets[k] + counts[k]]
+            shuffled = tf.random.experimental.stateless_shuffle(
+                owned, seed=tf.random.experimental.stateless_fold_in(key, i)
+            )
+            halves.append(shuffled[:half])
+        return tf.reshape(tf.stack(halves, axis=1), [-1])
+
+    return draw
 
 
 def val_dataset(split, normalize=False, batch_size=500):

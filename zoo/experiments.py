@@ -31,6 +31,8 @@ BASICS_VARIANTS = (
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCALINGS = ("none", "linear", "sqrt")
+DROPOUT_LAYERS = ("dropout", "uout")
+DROPOUT_BLOCKS = ("all", "last")
 
 # Fields that say where and how fast a run trains, not what it computes:
 # recorded in config.json, but a finished run trained with other values
@@ -99,6 +101,12 @@ class Experiment:
     # Only used by the variants that need them.
     virtual_batch_size: int = 16
     dropout_rate: float = 0.2
+    # The elementwise dropout of a variant that has one: which layer
+    # ("dropout", Keras's; "uout", tfnorm.Uout with `dropout_rate` as the
+    # half-width of its noise), and in which blocks ("all", or only the
+    # "last": after the last normalization, before the classifier).
+    dropout_layer: str = "dropout"
+    dropout_blocks: str = "all"
     dropblock_size: int = 3
     groups: int = 8
     # tfnorm BN's cross-replica statistics: with it, the BN of a replica
@@ -113,6 +121,9 @@ class Experiment:
     # the training set's mean and std.
     augment: bool = False
     normalize: bool = False
+    # How training batches are drawn (`zoo.data.BATCH_SAMPLINGS`): "iid",
+    # or "two_classes", half from each of two random classes every step.
+    batch_sampling: str = "iid"
     # Validation accuracy every `eval_every` steps (also when resumable
     # checkpoints are written), training scalars every `log_every`,
     # pre-activation histograms every `histogram_every`.
@@ -242,6 +253,9 @@ class Experiment:
             ("strategy", STRATEGIES),
             ("precision", PRECISIONS),
             ("lr_scaling", LR_SCALINGS),
+            ("batch_sampling", data.BATCH_SAMPLINGS),
+            ("dropout_layer", DROPOUT_LAYERS),
+            ("dropout_blocks", DROPOUT_BLOCKS),
         ):
             value = getattr(self, field)
             if value not in valid:

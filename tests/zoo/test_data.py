@@ -169,3 +169,55 @@ def test_unknown_dataset_lists_the_valid_names():
         "Unknown dataset 'mnist'. Valid datasets: digits, digits32, mnist1d, "
         "tfds:NAME."
     )
+
+
+def test_two_class_batches_hold_two_classes_half_each_and_follow_the_seed():
+    split = data.load("digits")
+    options = dict(batch_size=32, sampling="two_classes")
+    batches = list(data.train_dataset(split, seed=3, **options).take(20))
+    pairs = set()
+    for x, y in batches:
+        labels = y.numpy()
+        classes, counts = np.unique(labels, return_counts=True)
+        assert len(classes) == 2 and counts.tolist() == [16, 16], labels
+        # Interleaved: each half of the batch (a replica's slice) holds
+        # both classes too.
+        assert set(labels[:16].tolist()) == set(classes.tolist())
+        # Distinct examples: no row repeats within the batch.
+        assert len(np.unique(x.numpy(), axis=0)) == 32
+        pairs.add(tuple(classes.tolist()))
+    # The pair is drawn anew each step.
+    assert len(pairs) > 5
+    again = data.train_dataset(split, seed=3, **options).take(20)
+    for (x, y), (x0, y0) in zip(again, batches, strict=True):
+        np.testing.assert_array_equal(x, x0)
+        np.testing.assert_array_equal(y, y0)
+    # A resumed pipeline continues exactly; another seed draws others.
+    later = data.train_dataset(split, seed=3, start_step=17, **options)
+    for (x, _), (x0, _) in zip(later.take(3), batches[17:], strict=True):
+        np.testing.assert_array_equal(x, x0)
+    other = next(iter(data.train_dataset(split, seed=4, **options)))
+    assert not np.array_equal(other[0], batches[0][0])
+
+
+def test_unknown_batch_sampling_lists_the_valid_values():
+    split = data.load("digits")
+    with pytest.raises(ValueError) as info:
+        data.train_dataset(split, 32, seed=0, sampling="pairs")
+    assert str(info.value) == (
+        "Unknown batch_sampling 'pairs'. Valid: iid, two_classes."
+    )
+
+
+def test_two_class_batches_need_an_even_batch_that_two_classes_fill():
+    labels = np.repeat(np.arange(3), [5, 8, 8])
+    with pytest.raises(ValueError) as info:
+        data.two_class_batch(labels, 12, seed=0)
+    assert str(info.value) == (
+        "batch_sampling='two_classes' draws half the batch from each of "
+        "two classes, so it needs an even batch of at most twice the "
+        "smallest class (5 examples) and two classes. Received: "
+        "batch_size=12, 3 classes"
+    )
+    with pytest.raises(ValueError, match="Received: batch_size=7, 3"):
+        data.two_class_batch(labels, 7, seed=0)
