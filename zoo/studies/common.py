@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zoo import verdict
+
 # Every dataset of the CPU studies has 10 classes: a diverged run counts
 # as guessing.
 CHANCE = 0.1
@@ -17,13 +19,25 @@ def final_accuracy(run):
     return run.result["final_val_accuracy"]
 
 
-def by_arm(runs, value):
-    """`{(variant, learning rate): [value(run) per seed]}`, seed order."""
+def variant_and_lr(run):
+    return run.config["variant"], run.config["learning_rate"]
+
+
+def by_arm(runs, value, key=variant_and_lr):
+    """`{key(run): [value(run) per seed]}`, in seed order.
+
+    The key defaults to `(variant, learning rate)`; studies whose arms
+    differ in other fields (a batch size, a dropout rate) pass their own.
+    """
     table = {}
     for run in sorted(runs, key=lambda r: r.result["seed"]):
-        key = (run.config["variant"], run.config["learning_rate"])
-        table.setdefault(key, []).append(value(run))
+        table.setdefault(key(run), []).append(value(run))
     return table
+
+
+def measured(table, note):
+    """The report's "Measured" section: a markdown table and its note."""
+    return "\n".join(["## Measured", "", *table, "", note])
 
 
 def mean_of(lines, tags, steps=None):
@@ -64,6 +78,22 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def errorbars(ax, xs, values, label, **style):
+    """Mean ± sample std over seeds at each x: `values[i]` is x_i's list.
+
+    One seed draws its point without a bar.
+    """
+    stats = [verdict.Stat.of(v) for v in values]
+    ax.errorbar(
+        xs,
+        [s.mean for s in stats],
+        yerr=[0 if s.n < 2 else s.std for s in stats],
+        capsize=3,
+        label=label,
+        **{"marker": "o", **style},
+    )
 
 
 def band(ax, steps, curves, label, color=None):

@@ -188,18 +188,13 @@ def _evaluate(exp_dir, runs):
             f" | {verdict.Stat.of(accuracy[key]).text(3)} | "
             f"{verdict.Stat.of(drift[key]).text(3)} |"
         )
-    markdown = "\n".join(
-        [
-            "## Measured",
-            "",
-            *table,
-            "",
-            "Band drift: the standard deviation over the evaluations of "
-            "the 15th, 50th and 85th percentiles of the sigmoid input, "
-            "averaged over the three. SCIENCE.md asks for BN ahead at every "
-            "checkpoint; the check compares the mean over the evaluations, "
-            "and the curves show each checkpoint.",
-        ]
+    markdown = common.measured(
+        table,
+        "Band drift: the standard deviation over the evaluations of the "
+        "15th, 50th and 85th percentiles of the sigmoid input, averaged "
+        "over the three. SCIENCE.md asks for BN ahead at every checkpoint; "
+        "the check compares the mean over the evaluations, and the curves "
+        "show each checkpoint.",
     )
     _plot(exp_dir, runs, lines_of)
     return studies.Evaluation(
