@@ -9,7 +9,10 @@ from tensorboard.backend.event_processing import event_accumulator
 from zoo import cli
 from zoo import experiments
 from zoo import studies
+from zoo import verdict
+from zoo.studies import dropout_shift
 from zoo.studies import recorder
+from zoo.studies import renorm
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +111,109 @@ def test_recorder_drops_lines_after_the_resumed_step(tmp_path):
     callback.set_model(model)
     callback.on_train_begin()
     assert [line["step"] for line in recorder.load(tmp_path)] == [10, 20]
+
+
+def test_renorm_smoke_trains_the_two_class_arm(reproduced):
+    logdir, _ = reproduced
+    exp_dir = logdir / "renorm-small-batch_smoke"
+    for variant in ("bn_before", "renorm"):
+        run_dir = exp_dir / f"{variant}_b32_two_classes" / "seed_0"
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["batch_sampling"] == "two_classes"
+        assert config["batch_size"] == 32
+        assert (run_dir / renorm.BATCH_STATS_FILE).is_file()
+    text = (exp_dir / "report.md").read_text()
+    assert "| 32, 2 classes | renorm |" in text
+    assert (
+        "| renorm beats BN on non-i.i.d. batches of 32 (2 classes each) |"
+        in (text)
+    )
+
+
+def test_dropout_shift_smoke_trains_the_remedies(reproduced):
+    logdir, _ = reproduced
+    exp_dir = logdir / "dropout-variance-shift_smoke"
+
+    def shift_record(arm):
+        path = exp_dir / arm / "seed_0" / dropout_shift.SHIFT_FILE
+        return json.loads(path.read_text())
+
+    # The smoke MLP has two blocks: one BN (norm_2) follows a dropout.
+    uout = shift_record("bn_uout_p0.5")
+    assert uout["dropout_layer"] == "uout"
+    assert [row["layer"] for row in uout["layers"]] == ["norm_2"]
+    # With dropout after the last BN only, no BN sees it.
+    assert shift_record("bn_dropout_last_p0.5")["layers"] == []
+    text = (exp_dir / "report.md").read_text()
+    assert "| dropout after the last BN | 0.5 | — | — |" in text
+    assert "| Uout before BN | 0.5 |" in text
+    assert "dropout's variance shift is at least 3 times Uout's" in text
+
+
+def _seeds(mean, spread=0.01):
+    return [mean - spread, mean, mean + spread]
+
+
+def _renorm_table():
+    return {
+        (variant, batch): _seeds(0.9 if variant == "renorm" else 0.5)
+        for variant in ("bn_before", "renorm")
+        for batch in (2, 4)
+    } | {
+        ("bn_before", 64): _seeds(0.95, 0.002),
+        ("renorm", 64): _seeds(0.95, 0.002),
+    }
+
+
+@pytest.mark.parametrize(
+    "bn, renorm_acc, expected",
+    [
+        # SCIENCE.md's first trial: BN 0.75, renorm 0.83.
+        (0.75, 0.83, verdict.REPRODUCED),
+        # BN ahead on the two-class batches beyond the spread.
+        (0.90, 0.83, verdict.NOT_REPRODUCED),
+        # Renorm ahead inside the spread.
+        (0.82, 0.83, verdict.INCONCLUSIVE),
+    ],
+)
+def test_renorm_non_iid_verdicts(bn, renorm_acc, expected):
+    non_iid = {"bn_before": _seeds(bn), "renorm": _seeds(renorm_acc)}
+    checks = renorm.evaluate_renorm(_renorm_table(), [2, 4, 64], non_iid)
+    assert checks[-1].criterion == (
+        "renorm beats BN on non-i.i.d. batches of 32 (2 classes each)"
+    )
+    assert [c.outcome for c in checks[:-1]] == [verdict.PASS] * 3
+    assert verdict.verdict(checks) == expected
+
+
+@pytest.mark.parametrize(
+    "last, uout_acc, uout_shift, expected",
+    [
+        # Both remedies ahead, Uout's shift a tenth of dropout's.
+        (0.95, 0.95, 0.05, verdict.REPRODUCED),
+        # Uout's shift as large as dropout's.
+        (0.95, 0.95, 0.5, verdict.NOT_REPRODUCED),
+        # Dropout after the last BN ahead only inside the spread.
+        (0.905, 0.95, 0.05, verdict.INCONCLUSIVE),
+    ],
+)
+def test_dropout_remedy_verdicts(last, uout_acc, uout_shift, expected):
+    accuracy = {
+        "dropout": _seeds(0.9),
+        "last": _seeds(last),
+        "uout": _seeds(uout_acc),
+    }
+    shift = {"dropout": _seeds(0.5, 0.02), "uout": _seeds(uout_shift, 0.005)}
+    checks = dropout_shift.evaluate_remedies(accuracy, shift, 0.5)
+    assert [c.criterion for c in checks] == [
+        "dropout after the last BN beats dropout before BN at p 0.5 (val "
+        "accuracy)",
+        "Uout before BN beats dropout before BN at p 0.5 (val accuracy)",
+        "dropout's variance shift is at least 3 times Uout's at p 0.5",
+    ]
+    assert verdict.verdict(checks) == expected
+
+
+def test_uout_noise_variance_enters_the_predicted_shift():
+    assert dropout_shift.noise_variance("dropout", 0.5) == pytest.approx(1.0)
+    assert dropout_shift.noise_variance("uout", 0.5) == pytest.approx(1 / 12)
