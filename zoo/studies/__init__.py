@@ -358,3 +358,5 @@ from zoo.studies import renorm  # noqa: E402, F401
 from zoo.studies import dropout_shift  # noqa: E402, F401
 from zoo.studies import precise  # noqa: E402, F401
 from zoo.studies import placement  # noqa: E402, F401
+from zoo.studies import ghost  # noqa: E402, F401
+from zoo.studies import dropout_family  # noqa: E402, F401
