@@ -213,21 +213,16 @@ def _evaluate(exp_dir, runs):
             f"{verdict.Stat.of(gaps[variant]).text(3)} |"
         )
     config = runs[0].config
-    markdown = "\n".join(
-        [
-            "## Measured",
-            "",
-            *lines,
-            "",
-            "Final validation accuracy, and accuracy on the whole training "
-            "set at inference (dropout off) at the end of the run; their "
-            "difference is how much the network overfits. Every flavor "
-            f"drops at rate {config['dropout_rate']:g} "
-            f"(DropBlock in blocks of {config['dropblock_size']}; DropPath "
-            "with the linear depth rule up to that rate) in the same "
-            f"{config['model']} (width {config['width']:g}). A diverged run "
-            "counts at chance.",
-        ]
+    markdown = common.measured(
+        lines,
+        "Final validation accuracy, and accuracy on the whole training "
+        "set at inference (dropout off) at the end of the run; their "
+        "difference is how much the network overfits. Every flavor "
+        f"drops at rate {config['dropout_rate']:g} "
+        f"(DropBlock in blocks of {config['dropblock_size']}; DropPath "
+        "with the linear depth rule up to that rate) in the same "
+        f"{config['model']} (width {config['width']:g}). A diverged run "
+        "counts at chance.",
     )
     _plot(exp_dir, accuracy, gaps)
     return studies.Evaluation(
@@ -246,13 +241,12 @@ def _plot(exp_dir, accuracy, gaps):
         (axes[0], accuracy, "final val accuracy"),
         (axes[1], gaps, "train - val accuracy (inference)"),
     ):
-        stats = [verdict.Stat.of(values[v]) for v in FLAVORS]
-        ax.errorbar(
+        common.errorbars(
+            ax,
             range(len(names)),
-            [s.mean for s in stats],
-            yerr=[0 if s.n < 2 else s.std for s in stats],
-            fmt="o",
-            capsize=3,
+            [values[v] for v in FLAVORS],
+            None,
+            linestyle="none",
         )
         ax.set_xticks(range(len(names)), names, fontsize="small")
         ax.set_title(title, fontsize="medium")

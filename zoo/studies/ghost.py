@@ -424,12 +424,9 @@ def _evaluate(exp_dir, runs):
                 else "—"
             )
         table.append("| " + " | ".join(row) + " |")
-    markdown = "\n".join(
-        [
-            "## Measured",
-            "",
-            *table,
-            "",
+    markdown = common.measured(
+        table,
+        (
             "Distance: the Euclidean norm of the change of all trainable "
             "weights since initialization, at log-spaced steps. The fits "
             "use the last two decades of each full-length run (steps "
@@ -438,8 +435,8 @@ def _evaluate(exp_dir, runs):
             "the log fit's growth of the distance per tenfold of steps. "
             "`_short` arms train as many epochs as the small batch, 1/16 "
             "of its steps; they are too short to fit. A diverged run "
-            "counts at chance.",
-        ]
+            "counts at chance."
+        ),
     )
     _plot(exp_dir, curves, accuracy, configs)
     return studies.Evaluation(
@@ -472,13 +469,12 @@ def _plot(exp_dir, curves, accuracy, configs):
 
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = list(configs)
-    stats = [verdict.Stat.of(accuracy[label]) for label in labels]
-    ax.errorbar(
+    common.errorbars(
+        ax,
         range(len(labels)),
-        [s.mean for s in stats],
-        yerr=[0 if s.n < 2 else s.std for s in stats],
-        fmt="o",
-        capsize=3,
+        [accuracy[label] for label in labels],
+        None,
+        linestyle="none",
     )
     ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize="small")
     ax.set_ylabel("final val accuracy")
