@@ -411,7 +411,8 @@ class _Layers:
                 f"Model {model!r} has no place for dropout flavor "
                 f"{self.spec.dropout!r} (variant {self.spec.name!r}). "
                 + (
-                    "DropPath needs residual branches: use a ResNet."
+                    "DropPath needs residual branches: use a ResNet or "
+                    "resconvnet1d/2d."
                     if self.spec.dropout == "droppath"
                     else "Use `dropout` with the MLP."
                 )

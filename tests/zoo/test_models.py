@@ -190,7 +190,8 @@ def test_builders_refuse_what_does_not_fit():
         models.build("mlp", (784,), 10, "stochastic_depth")
     assert str(info.value) == (
         "Model 'mlp' has no place for dropout flavor 'droppath' (variant "
-        "'stochastic_depth'). DropPath needs residual branches: use a ResNet."
+        "'stochastic_depth'). DropPath needs residual branches: use a ResNet "
+        "or resconvnet1d/2d."
     )
     with pytest.raises(ValueError) as info:
         models.build("resnet21", (32, 32, 3), 10)
