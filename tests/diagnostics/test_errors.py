@@ -119,6 +119,28 @@ def test_learning_rate_must_be_positive(bad):
     )
 
 
+@pytest.mark.parametrize("bad", [1, "yes"])
+def test_unroll_must_be_a_bool_or_none(bad):
+    message = (
+        "Argument `unroll` must be True, False or None (unroll when at most "
+        "8 probed layers have preceding layers). "
+        f"Received: unroll={bad!r}"
+    )
+    _raises(
+        message,
+        diagnostics.internal_covariate_shift,
+        _dense_model(),
+        X,
+        Y,
+        learning_rate=0.1,
+        loss="mse",
+        unroll=bad,
+    )
+    _raises(
+        message, diagnostics.InternalCovariateShiftCallback, (X, Y), unroll=bad
+    )
+
+
 def test_missing_learning_rate_loss_data_and_build():
     model = _dense_model()
     _raises(

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tfnorm
 from tests.diagnostics import reference_diagnostics as ref
 from tfnorm import diagnostics
+from tfnorm.diagnostics import ics
 
 SIZES = (5, 4, 3, 2)
 
@@ -39,10 +41,11 @@ def _chain(seed=0, sizes=SIZES):
     return model, params, x, t
 
 
-def test_ics_matches_closed_form():
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "looped"])
+def test_ics_matches_closed_form(unroll):
     model, params, x, t = _chain()
     shift = diagnostics.internal_covariate_shift(
-        model, x, t, learning_rate=0.3, loss=_mse
+        model, x, t, learning_rate=0.3, loss=_mse, unroll=unroll
     )
     expected = ref.chain_ics(x, t, params, 0.3)
     assert list(shift) == ["linear0", "linear1", "linear2"]
@@ -73,6 +76,69 @@ def test_ics_uses_the_optimizers_current_rate_and_compiled_loss():
     only = diagnostics.internal_covariate_shift(model, x, t, layers=["linear2"])
     assert list(only) == ["linear2"]
     assert only["linear2"] == shift["linear2"]
+
+
+def _probed_net(depth, seed=0):
+    """Dense layers with BN and dropout between them, float32, and a batch."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((6,))])
+    for i in range(depth - 1):
+        model.add(keras.layers.Dense(8, name=f"d{i}"))
+        model.add(tfnorm.BatchNormalization(name=f"bn{i}"))
+        model.add(keras.layers.Dropout(0.2, seed=i))
+        model.add(keras.layers.ReLU())
+    model.add(keras.layers.Dense(3, name="out"))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((32, 6)).astype("float32")
+    y = rng.standard_normal((32, 3)).astype("float32")
+    return model, x, y
+
+
+def test_ics_unrolled_and_looped_agree_with_bn_and_dropout():
+    # Both evaluate every G' at the same points, with the same dropout
+    # masks; only the graph differs, so float32 rounding at most.
+    model, x, y = _probed_net(depth=4)
+    results = [
+        diagnostics.internal_covariate_shift(
+            model, x, y, learning_rate=0.5, loss="mse", unroll=unroll
+        )
+        for unroll in (True, False)
+    ]
+    assert list(results[0]) == ["d0", "d1", "d2", "out"]
+    assert results[0]["out"]["l2"] > 1e-4
+    for name, values in results[0].items():
+        for key, value in values.items():
+            np.testing.assert_allclose(
+                results[1][name][key], value, rtol=1e-5, atol=1e-7
+            )
+    # A subset keeps its values whichever way it is computed.
+    subset = diagnostics.internal_covariate_shift(
+        model, x, y, learning_rate=0.5, loss="mse", layers=["d2"], unroll=False
+    )
+    np.testing.assert_allclose(
+        subset["d2"]["l2"], results[0]["d2"]["l2"], rtol=1e-5
+    )
+
+
+def test_ics_unrolls_up_to_the_limit():
+    # 10 kernel layers: 9 have preceding layers, one more than the limit.
+    model, x, y = _probed_net(depth=10)
+    plan = ics._plan(model, None)
+    assert ics.UNROLL_LIMIT == 8
+    assert not ics._resolve_unroll(None, plan)
+    assert ics._resolve_unroll(None, ics._plan(model, ["d1", "out"]))
+    assert ics._resolve_unroll(True, plan)
+    looped = diagnostics.internal_covariate_shift(
+        model, x, y, learning_rate=0.5, loss="mse"
+    )
+    unrolled = diagnostics.internal_covariate_shift(
+        model, x, y, learning_rate=0.5, loss="mse", unroll=True
+    )
+    np.testing.assert_allclose(
+        [v["cosine"] for v in looped.values()],
+        [v["cosine"] for v in unrolled.values()],
+        rtol=1e-5,
+    )
 
 
 def test_ics_grows_linearly_for_small_rates():

@@ -69,10 +69,12 @@ def test_probes_leave_the_training_state_bit_for_bit(optimizer):
     assert any(np.any(v != 0) for v in before[len(model.variables) :])
 
     shift = diagnostics.internal_covariate_shift(model, x, y)
+    looped = diagnostics.internal_covariate_shift(model, x, y, unroll=False)
     probe = diagnostics.loss_landscape(model, x, y)
     stats = diagnostics.layer_statistics(model, x)
     _assert_same(before, _state(model))
     assert list(shift) == ["d0", "d1", "out"]
+    assert list(looped) == ["d0", "d1", "out"]
     assert np.isfinite(probe["beta_smoothness"])
     assert list(stats) == [
         "d0",
@@ -139,10 +141,12 @@ def test_probes_leave_a_fused_path_conv_model_unchanged():
     model.fit(x, y, batch_size=4, verbose=0, shuffle=False)
     before = _state(model)
     shift = diagnostics.internal_covariate_shift(model, x, y)
+    looped = diagnostics.internal_covariate_shift(model, x, y, unroll=False)
     diagnostics.loss_landscape(model, x, y, step_sizes=[0.1])
     stats = diagnostics.layer_statistics(model, x)
     _assert_same(before, _state(model))
     assert shift["out"]["l2"] > 0
+    np.testing.assert_allclose(looped["out"]["l2"], shift["out"]["l2"], 1e-5)
     np.testing.assert_allclose(
         stats["renorm"]["per_unit"]["input_mean"],
         model.get_layer("conv")(x).numpy().mean(axis=(0, 1, 2)),

@@ -177,6 +177,30 @@ def loss_and_grads(model, loss_fn, trainable, non_trainable, x, y, wrt):
     return value, grads
 
 
+def gradient_function(model, loss_fn):
+    """A compiled `(trainable, non_trainable, x, y) -> (loss, grads)`.
+
+    The probes evaluate the same gradient at several weights. Called from
+    inside their compiled functions it is traced once, not once per
+    evaluation point, and TF inlines every call into the caller's graph,
+    where its optimizer prunes what the caller does not use and merges
+    calls that compute the same thing (see `ics.py`). Cached per model
+    and loss, so the probes share one trace.
+    """
+    count = len(model.trainable_variables)
+
+    def gradient(trainable, non_trainable, x, y):
+        return loss_and_grads(
+            model, loss_fn, trainable, non_trainable, x, y, range(count)
+        )
+
+    return cached(
+        model,
+        ("gradient", loss_fn, count),
+        lambda: tf.function(gradient, reduce_retracing=True, autograph=False),
+    )
+
+
 def sum_squares(tensors):
     """Sum of squares of a list of tensors, accumulated in float64."""
     total = tf.constant(0.0, tf.float64)

@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfnorm.diagnostics import _common
+from tfnorm.diagnostics.ics import check_unroll
 from tfnorm.diagnostics.ics import internal_covariate_shift
 from tfnorm.diagnostics.landscape import DEFAULT_STEP_SIZES
 from tfnorm.diagnostics.landscape import check_step_sizes
@@ -128,6 +129,9 @@ class InternalCovariateShiftCallback(_ProbeCallback):
         layers: Optional names of the kernel layers to probe.
         log_dir: Directory for a TensorBoard writer of its own; default:
             write to the default summary writer set by the caller, if any.
+        unroll: Unroll the probe over the layers (faster per probe) or
+            loop over them (faster to compile for deep models); default
+            None unrolls up to 8 layers with preceding layers.
 
     Reference:
         - [Santurkar et al., 2018](https://arxiv.org/abs/1805.11604)
@@ -154,13 +158,16 @@ class InternalCovariateShiftCallback(_ProbeCallback):
         loss=None,
         layers=None,
         log_dir=None,
+        unroll=None,
     ):
         super().__init__(data, period, log_dir)
         if learning_rate is not None:
             _common.check_positive("learning_rate", learning_rate)
+        check_unroll(unroll)
         self.learning_rate = learning_rate
         self.loss = loss
         self.layers = layers
+        self.unroll = unroll
 
     def probe(self, data):
         x, y = _common.unpack(data)
@@ -171,6 +178,7 @@ class InternalCovariateShiftCallback(_ProbeCallback):
             learning_rate=self.learning_rate,
             loss=self.loss,
             layers=self.layers,
+            unroll=self.unroll,
         )
 
     def scalars(self, result):
