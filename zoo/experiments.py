@@ -31,8 +31,6 @@ BASICS_VARIANTS = (
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCALINGS = ("none", "linear", "sqrt")
-DROPOUT_LAYERS = ("dropout", "uout")
-DROPOUT_BLOCKS = ("all", "last")
 
 # Fields that say where and how fast a run trains, not what it computes:
 # recorded in config.json, but a finished run trained with other values
@@ -254,8 +252,8 @@ class Experiment:
             ("precision", PRECISIONS),
             ("lr_scaling", LR_SCALINGS),
             ("batch_sampling", data.BATCH_SAMPLINGS),
-            ("dropout_layer", DROPOUT_LAYERS),
-            ("dropout_blocks", DROPOUT_BLOCKS),
+            ("dropout_layer", models.DROPOUT_LAYERS),
+            ("dropout_blocks", models.DROPOUT_BLOCKS),
         ):
             value = getattr(self, field)
             if value not in valid:

@@ -149,6 +149,10 @@ DROPOUT_FLAVORS = {
     "droppath": "tfnorm.DropPath on residual branches (stochastic depth)",
 }
 NORMS = (None, "bn", "ghost", "renorm", "noisy", "group")
+# What `with_dropout_options` can make of a model's Keras Dropout layers
+# (E5's remedies for dropout before BN).
+DROPOUT_LAYERS = ("dropout", "uout")
+DROPOUT_BLOCKS = ("all", "last")
 PLACEMENTS = ("before", "after")
 
 
@@ -868,7 +872,75 @@ _MLP_ONLY = ("hidden_units", "activation")
 _CONV_ONLY = ("width", "shortcut")
 
 
-def build(name, input_shape, num_classes, variant="none", **options):
+def with_dropout_options(model, layer="dropout", blocks="all"):
+    """`model` with its Keras `Dropout` layers changed as asked.
+
+    `layer="uout"` puts `tfnorm.Uout` (Li et al. 2019's uniform noise,
+    the dropout rate as its half-width) in place of each `Dropout`, under
+    the same name; `blocks="last"` keeps only the last `Dropout` in the
+    model's layer order (in the MLP, the one after the last
+    normalization, before the classifier) and removes the others. Every
+    other layer is copied with its weights, so a seed starts from the
+    same weights whichever options it trains with. The defaults return
+    `model` itself. Spatial dropout, DropBlock and DropPath are left
+    alone.
+
+    The options act on a built model rather than on the variant
+    registry, so they apply to the `Dropout` of any
+    builder and combine with any variant that has one (E5's remedies:
+    `zoo/studies/dropout_shift.py`).
+
+    Args:
+        model: A functional model from `build`.
+        layer: One of `DROPOUT_LAYERS`.
+        blocks: One of `DROPOUT_BLOCKS`.
+
+    Raises:
+        ValueError: when options other than the defaults meet a model
+            without `Dropout` layers.
+    """
+    if layer == "dropout" and blocks == "all":
+        return model
+    # Exact type: Keras's spatial dropouts subclass Dropout.
+    drops = [d.name for d in model.layers if type(d) is keras.layers.Dropout]
+    if not drops:
+        raise ValueError(
+            f"dropout_layer={layer!r} and dropout_blocks={blocks!r} change "
+            f"the Dropout layers of a model, and {model.name!r} has none. "
+            "Use a variant with elementwise dropout, such as bn_dropout."
+        )
+    removed = set(drops[:-1]) if blocks == "last" else set()
+
+    def clone(old):
+        if old.name in drops and layer == "uout":
+            return tfnorm.Uout(float(old.rate), name=old.name)
+        # New layers rather than the old ones in a new graph: a layer's
+        # `input` (which the probes read) is that of its first call.
+        return old.__class__.from_config(old.get_config())
+
+    def call(new, *args, **kwargs):
+        if new.name in removed:
+            return args[0]
+        return new(*args, **kwargs)
+
+    cloned = keras.models.clone_model(
+        model, clone_function=clone, call_function=call
+    )
+    for new in cloned.layers:
+        if new.name not in drops:
+            new.set_weights(model.get_layer(new.name).get_weights())
+    return cloned
+
+
+def build(
+    name,
+    input_shape,
+    num_classes,
+    variant="none",
+    dropout_layer="dropout",
+    dropout_blocks="all",
+    **options,
+):
     """Builds the model registered as `name` for the given variant.
 
     Args:
@@ -876,11 +948,18 @@ def build(name, input_shape, num_classes, variant="none", **options):
         input_shape: Shape of one example.
         num_classes: Number of output logits.
         variant: A name in `VARIANTS`.
+        dropout_layer, dropout_blocks: Changes to the model's Keras
+            `Dropout` layers, see `with_dropout_options`.
         **options: Passed to the builder; options meant for another kind
             of model (`hidden_units` for a ResNet, `width` for the MLP,
             `shortcut` for a non-ResNet) are dropped.
     """
     check_model(name)
+    model = _build(name, input_shape, num_classes, variant, **options)
+    return with_dropout_options(model, dropout_layer, dropout_blocks)
+
+
+def _build(name, input_shape, num_classes, variant, **options):
     drop = _CONV_ONLY if name == "mlp" else _MLP_ONLY
     if _RESNET_NAME.fullmatch(name) is None:
         drop = drop + ("shortcut",)

@@ -507,9 +507,8 @@ def train_run(
                 groups=experiment.groups,
                 synchronized=experiment.synchronized,
                 weight_decay=experiment.weight_decay,
-            )
-            model = with_dropout_options(
-                model, experiment.dropout_layer, experiment.dropout_blocks
+                dropout_layer=experiment.dropout_layer,
+                dropout_blocks=experiment.dropout_blocks,
             )
             model.compile(
                 optimizer=keras.optimizers.SGD(
@@ -546,66 +545,6 @@ def train_run(
         )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
-
-
-def with_dropout_options(model, layer="dropout", blocks="all"):
-    """`model` with its Keras `Dropout` layers changed as asked.
-
-    `layer="uout"` puts `tfnorm.Uout` (Li et al. 2019's uniform noise,
-    the dropout rate as its half-width) in place of each `Dropout`, under
-    the same name; `blocks="last"` keeps only the last `Dropout` in the
-    model's layer order (in the MLP, the one after the last
-    normalization, before the classifier) and removes the others. Every
-    other layer is copied with its weights, so a seed starts from the
-    same weights whichever options it trains with. The defaults return
-    `model` itself. Spatial dropout, DropBlock and DropPath are left
-    alone.
-
-    The options act on a built model rather than on the variant
-    registry of `zoo.models`, so they apply to the `Dropout` of any
-    builder and combine with any variant that has one (E5's remedies:
-    `zoo/studies/dropout_shift.py`).
-
-    Args:
-        model: A functional model from `zoo.models.build`.
-        layer: One of `zoo.experiments.DROPOUT_LAYERS`.
-        blocks: One of `zoo.experiments.DROPOUT_BLOCKS`.
-
-    Raises:
-        ValueError: when options other than the defaults meet a model
-            without `Dropout` layers.
-    """
-    if layer == "dropout" and blocks == "all":
-        return model
-    # Exact type: Keras's spatial dropouts subclass Dropout.
-    drops = [d.name for d in model.layers if type(d) is keras.layers.Dropout]
-    if not drops:
-        raise ValueError(
-            f"dropout_layer={layer!r} and dropout_blocks={blocks!r} change "
-            f"the Dropout layers of a model, and {model.name!r} has none. "
-            "Use a variant with elementwise dropout, such as bn_dropout."
-        )
-    removed = set(drops[:-1]) if blocks == "last" else set()
-
-    def clone(old):
-        if old.name in drops and layer == "uout":
-            return tfnorm.Uout(float(old.rate), name=old.name)
-        # New layers rather than the old ones in a new graph: a layer's
-        # `input` (which the probes read) is that of its first call.
-        return old.__class__.from_config(old.get_config())
-
-    def call(new, *args, **kwargs):
-        if new.name in removed:
-            return args[0]
-        return new(*args, **kwargs)
-
-    cloned = keras.models.clone_model(
-        model, clone_function=clone, call_function=call
-    )
-    for new in cloned.layers:
-        if new.name not in drops:
-            new.set_weights(model.get_layer(new.name).get_weights())
-    return cloned
 
 
 def _train_input(experiment, split, strategy, seed, start_step):

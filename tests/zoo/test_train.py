@@ -2,11 +2,9 @@
 
 import json
 
-import numpy as np
 import pytest
 from rich.console import Console
 
-from zoo import models
 from zoo import report
 from zoo import train
 
@@ -115,45 +113,4 @@ def test_a_finished_run_of_another_batch_sampling_is_refused(tmp_path, tiny):
         experiment.replace(batch_sampling="pairs")
     assert str(info.value) == (
         "Unknown batch_sampling 'pairs'. Valid: iid, two_classes."
-    )
-
-
-def test_dropout_options_swap_in_uout_or_keep_only_the_last_dropout():
-    model = models.build(
-        "mlp", (8,), 3, "bn_dropout", hidden_units=(4, 4, 4), dropout_rate=0.3
-    )
-
-    def kinds(m):
-        return {
-            layer.name: type(layer).__name__
-            for layer in m.layers
-            if "dropout" in layer.name
-        }
-
-    assert train.with_dropout_options(model) is model
-    uout = train.with_dropout_options(model, layer="uout")
-    assert kinds(uout) == {f"dropout_{i}": "Uout" for i in (1, 2, 3)}
-    assert uout.get_layer("dropout_2").rate == pytest.approx(0.3)
-    last = train.with_dropout_options(model, blocks="last")
-    assert kinds(last) == {"dropout_3": "Dropout"}
-    # The other layers keep their weights, in a graph of their own.
-    x = np.random.default_rng(0).random((5, 8), np.float32)
-    for clone in (uout, last):
-        np.testing.assert_array_equal(
-            clone(x, training=False), model(x, training=False)
-        )
-        assert clone.get_layer("dense_2") is not model.get_layer("dense_2")
-        # The probes read layer inputs, which must lie in the clone's own
-        # graph (reused layers would point back at the original's).
-        probe = models.preactivation_model(clone)(x)
-        for name, values in models.preactivation_model(model)(x).items():
-            np.testing.assert_array_equal(probe[name], values)
-
-    plain = models.build("mlp", (8,), 3, "bn_before", hidden_units=(4,))
-    with pytest.raises(ValueError) as info:
-        train.with_dropout_options(plain, blocks="last")
-    assert str(info.value) == (
-        "dropout_layer='dropout' and dropout_blocks='last' change the "
-        "Dropout layers of a model, and 'mlp_bn_before' has none. Use a "
-        "variant with elementwise dropout, such as bn_dropout."
     )

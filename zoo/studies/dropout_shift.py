@@ -33,7 +33,7 @@ from zoo.studies import common
 RATES = (0.1, 0.3, 0.5)
 # The remedy arms, at the largest rate: `bn_dropout` with the dropout
 # only after the last BN, and with Uout (half-width = that rate) in place
-# of every dropout (`zoo.train.with_dropout_options`).
+# of every dropout (`zoo.models.with_dropout_options`).
 REMEDIES = {
     "bn_dropout_last": {"dropout_blocks": "last"},
     "bn_uout": {"dropout_layer": "uout"},
@@ -168,7 +168,7 @@ def variance_shift(model, x, rate, layer="dropout"):
     units of the inference-time input variance, of the moving variance,
     and of the variance the formula predicts for training. `layer` is
     the dropout layers' kind (`"dropout"` or `"uout"`, as
-    `zoo.experiments.DROPOUT_LAYERS`); none of them: an empty list.
+    `zoo.models.DROPOUT_LAYERS`); none of them: an empty list.
     """
     pairs = []
     i = 2
