@@ -72,6 +72,18 @@ def test_one_layer_holds_pooled_statistics_of_uneven_batches(kind):
         np.testing.assert_allclose(bn.renorm_mean.numpy(), mean, 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("renorm", [False, True])
+def test_float64_layer_gets_float64_statistics(renorm):
+    # The float64 pooled statistics used to be rounded to float32 before
+    # being stored in the float64 variables of a float64 layer.
+    batches = [b.astype("float64") + 1e-9 for b in _batches([7, 16])]
+    layer = tfnorm.BatchNormalization(dtype="float64", renorm=renorm)
+    tfnorm.precise_bn(layer, batches)
+    _, mean, var = ref.bn_moments(np.concatenate(batches))
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-12)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-12)
+
+
 def test_uses_first_num_batches_and_dataset_tuples():
     batches = _batches([5, 6, 7, 8])
     dataset = tf.data.Dataset.from_generator(

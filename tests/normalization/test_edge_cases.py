@@ -245,6 +245,29 @@ def test_mixed_precision(policy, kwargs):
     )
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"renorm": True}])
+def test_float64_policy_keeps_moving_statistics_in_float64(kwargs):
+    # The moving-average update used to round to float32 before storing
+    # into the float64 variables (errors of about 1e-7 relative).
+    x = _data((16, 3), loc=1.0, scale=3.0).astype("float64") + 1e-9
+    layer = tfnorm.BatchNormalization(dtype="float64", momentum=0.5, **kwargs)
+    layer(x, training=True)
+    _, state = ref.bn_train(
+        x,
+        ref.initial_state(3, kwargs.get("renorm", False)),
+        momentum=0.5,
+        **kwargs,
+    )
+    for w in layer.non_trainable_weights:
+        assert w.dtype == "float64", w.path
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), state["moving_mean"], rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), state["moving_variance"], rtol=1e-12
+    )
+
+
 @pytest.mark.parametrize(
     "mode",
     [{"run_eagerly": True}, {}, {"jit_compile": True}],

@@ -111,22 +111,26 @@ def _iterate(dataset, num_batches):
 
 
 def _assign(layer, mean, variance):
-    mean = mean.astype(np.float32)
-    layer.moving_mean.assign(mean)
+    # Rounded once, from float64 to each variable's own dtype (float32, or
+    # float64 under a float64 policy).
+    def assign(variable, value):
+        variable.assign(
+            value.astype(keras.backend.standardize_dtype(variable.dtype))
+        )
+
+    assign(layer.moving_mean, mean)
     if getattr(layer, "renorm", False) and hasattr(layer, "moving_stddev"):
         # Renorm layers track standard deviations and derive the variance
         # from them; all three sets start from the population statistics.
-        stddev = np.sqrt(variance + layer.epsilon).astype(np.float32)
-        layer.moving_stddev.assign(stddev)
-        layer.renorm_mean.assign(mean)
-        layer.renorm_stddev.assign(stddev)
-        derived = np.maximum(
-            np.square(stddev, dtype=np.float32) - np.float32(layer.epsilon),
-            np.float32(0.0),
-        )
-        layer.moving_variance.assign(derived)
+        stddev = np.sqrt(variance + layer.epsilon)
+        assign(layer.moving_stddev, stddev)
+        assign(layer.renorm_mean, mean)
+        assign(layer.renorm_stddev, stddev)
+        # The layer derives the variance from its unrounded stddev too.
+        derived = np.maximum(np.square(stddev) - layer.epsilon, 0.0)
+        assign(layer.moving_variance, derived)
     else:
-        layer.moving_variance.assign(variance.astype(np.float32))
+        assign(layer.moving_variance, variance)
 
 
 def precise_bn(model, dataset, num_batches=200):

@@ -814,10 +814,14 @@ class BatchNormalization(keras.layers.Layer):
         mean = tf.stop_gradient(mean)
         variance = tf.stop_gradient(variance)
 
+        # Stored in the variable's own dtype: float32 under mixed precision,
+        # float64 under a float64 policy (a float32 cast would round there).
         def ema(variable, value, momentum):
             old = tf.cast(variable, value.dtype)
             new = old * momentum + value * (1.0 - momentum)
-            variable.assign(tf.cast(tf.where(has_data, new, old), "float32"))
+            variable.assign(
+                tf.cast(tf.where(has_data, new, old), variable.dtype)
+            )
             return new
 
         ema(self.moving_mean, mean, self.momentum)
@@ -832,7 +836,10 @@ class BatchNormalization(keras.layers.Layer):
         derived = tf.nn.relu(new_stddev * new_stddev - self.epsilon)
         old_variance = tf.cast(self.moving_variance, derived.dtype)
         self.moving_variance.assign(
-            tf.cast(tf.where(has_data, derived, old_variance), "float32")
+            tf.cast(
+                tf.where(has_data, derived, old_variance),
+                self.moving_variance.dtype,
+            )
         )
 
     # -- config -----------------------------------------------------------
