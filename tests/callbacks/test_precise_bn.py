@@ -130,6 +130,27 @@ def test_masked_elements_are_left_out(kind):
     _assert_population(model.get_layer("bn"), mean, var)
 
 
+def test_non_finite_masked_out_elements_are_left_out():
+    x = _data((8, 5, 3), loc=1.0)
+    lengths = np.array([5, 3, 1, 4, 2, 5, 1, 3])
+    mask = np.arange(5)[None, :] < lengths[:, None]
+    # NaN padding: multiplying it by a zero mask gave NaN statistics.
+    padded = np.where(mask[..., None], x, np.nan).astype("float32")
+
+    class Padded(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.bn = tfnorm.BatchNormalization()
+
+        def call(self, inputs):
+            return self.bn(inputs, mask=tf.constant(mask))
+
+    model = Padded()
+    tfnorm.precise_bn(model, [padded])
+    _, mean, var = ref.bn_moments(x, axis=-1, mask=mask)
+    _assert_population(model.bn, mean, var)
+
+
 def _two_bn_model(first, dropout_rate=0.5):
     """BN -> Dense -> Dropout -> BN with fixed, known Dense weights."""
     inputs = keras.Input((3,))

@@ -134,6 +134,58 @@ def test_fully_masked_batch_leaves_statistics(kwargs):
     )
 
 
+@pytest.mark.parametrize("fill", [np.nan, np.inf])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"virtual_batch_size": 2}, {"renorm": True}, {"axis": 1}],
+    ids=["plain", "ghost", "renorm", "axis1"],
+)
+def test_non_finite_masked_out_elements_stay_out(kwargs, fill):
+    # Padding may hold NaN or inf: the statistics multiplied it by the mask
+    # (0 * nan = nan) and turned every output and statistic into NaN.
+    # Keras 3 selects with `where` and is not affected. (Masked-out
+    # elements are still normalized, so their own outputs, and gamma's
+    # gradient through them, stay non-finite, as in Keras.)
+    axis = kwargs.get("axis", -1)
+    x = _data((6, 5, 3) if axis == -1 else (6, 3, 5), loc=1.0)
+    mask = np.arange(5)[None, :] < np.array([5, 3, 1, 4, 2, 5])[:, None]
+    hidden = ~mask[..., None] if axis == -1 else ~mask[:, None, :]
+    padded = np.where(hidden, fill, x).astype("float32")
+    layer = tfnorm.BatchNormalization(momentum=0.5, **kwargs)
+    y = layer(padded, training=True, mask=mask).numpy()
+    y_ref, state = ref.bn_train(
+        x,
+        ref.initial_state(3, kwargs.get("renorm", False)),
+        momentum=0.5,
+        mask=mask,
+        **kwargs,
+    )
+    kept = np.broadcast_to(~hidden, x.shape)
+    np.testing.assert_allclose(y[kept], y_ref[kept], atol=1e-5)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), state["moving_mean"], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), state["moving_variance"], atol=1e-6
+    )
+
+
+def test_mask_values_select_rather_than_weigh():
+    # The docstring promises that non-zero entries select elements; a mask
+    # of 3s (or 0.5s) weighed them instead.
+    x = _data((6, 4, 3), loc=1.0)
+    mask = np.ones((6, 4), "float32")
+    mask[:, 0] = 3.0
+    mask[:, 1] = 0.5
+    mask[:, 2] = 0.0
+    weighted = tfnorm.BatchNormalization(momentum=0.0)
+    weighted(x, training=True, mask=mask)
+    boolean = tfnorm.BatchNormalization(momentum=0.0)
+    boolean(x, training=True, mask=mask != 0)
+    for a, b in zip(_moving(weighted), _moving(boolean), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_axis_1_with_mask():
     # Channels first (batch, channels, time) with a (batch, time) mask:
     # Keras 3 assumes channels last here.

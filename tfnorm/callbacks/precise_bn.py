@@ -55,8 +55,11 @@ def _batch_moments(inputs, axis, mask):
     if mask is None:
         weights = tf.ones_like(x)
     else:
-        weights = tf.cast(mask, tf.float64)
+        # Non-zero entries select, as in the layers; masked-out elements
+        # are zeroed, not multiplied by 0, since padding may hold NaN.
+        weights = tf.cast(tf.cast(mask, tf.bool), tf.float64)
         weights = tf.broadcast_to(tf.expand_dims(weights, axis), tf.shape(x))
+        x = tf.where(weights > 0, x, tf.zeros_like(x))
     count = tf.reduce_sum(weights, reduce_axes)
     mean = tf.math.divide_no_nan(tf.reduce_sum(weights * x, reduce_axes), count)
     shape = [1] * rank

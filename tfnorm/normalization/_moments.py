@@ -35,6 +35,7 @@ def local_moments(x, weights, reduction_axes, axis):
     the channel axis. An empty selection gives count 0, mean 0, m2 0.
     """
     channels = x.shape[axis]
+    x = _masked_out_zeroed(x, weights)
     if weights is None:
         count = tf.cast(tf.size(x), x.dtype) / channels
         total = tf.reduce_sum(x, reduction_axes)
@@ -50,6 +51,18 @@ def local_moments(x, weights, reduction_axes, axis):
     if weights is not None:
         squares = weights * squares
     return Moments(count, mean, tf.reduce_sum(squares, reduction_axes))
+
+
+def _masked_out_zeroed(x, weights):
+    """`x` with its masked-out elements replaced by zeros.
+
+    Padding may hold NaN or inf, and `0 * nan` is NaN: multiplying by the
+    mask alone would let it into every statistic. Selecting instead also
+    keeps the gradient at those elements exactly zero.
+    """
+    if weights is None:
+        return x
+    return tf.where(weights > 0, x, tf.zeros_like(x))
 
 
 def _per_channel(vector, rank, axis):
@@ -142,6 +155,7 @@ def ghost_moments(x, weights, inner_axes, axis, group_size):
     smaller. Segment sums over per-example partial sums keep the cost at
     two passes over `x`, like plain BN.
     """
+    x = _masked_out_zeroed(x, weights)
     batch = tf.shape(x)[0]
     num_groups = (batch + group_size - 1) // group_size
     group_of = tf.range(batch) // group_size

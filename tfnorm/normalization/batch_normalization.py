@@ -172,11 +172,12 @@ class BatchNormalization(keras.layers.Layer):
     without recompiling; the current bounds are what `get_config` reports
     and what a saved model reloads.
 
-    **Masks**: masked-out elements do not enter the statistics (they are
-    still normalized). Works for any `axis`: the mask has the input's shape
-    without the channel axis. A batch whose elements are all masked, and an
-    empty batch, are normalized with the moving statistics and leave them
-    exactly as they were.
+    **Masks**: masked-out elements do not enter the statistics, even when
+    they hold NaN or inf (they are still normalized). Any non-zero mask
+    entry selects its element; values are not weights. Works for any
+    `axis`: the mask has the input's shape without the channel axis. A
+    batch whose elements are all masked, and an empty batch, are normalized
+    with the moving statistics and leave them exactly as they were.
 
     **Distribution**: with `synchronized=True` the statistics are computed
     over the global batch by all-reducing count, sum and the centered sum of
@@ -628,7 +629,10 @@ class BatchNormalization(keras.layers.Layer):
         bc = self._broadcast
         weights = None
         if mask is not None:
-            weights = tf.expand_dims(tf.cast(mask, dtype), self._axis)
+            # Any non-zero entry selects its element, as a boolean mask
+            # does: a mask of 2s or 0.5s is not a set of weights.
+            weights = tf.cast(tf.cast(mask, tf.bool), dtype)
+            weights = tf.expand_dims(weights, self._axis)
         ctx = _replica_context()
         sync = ctx if self.synchronized else None
         moving_mean = tf.cast(self.moving_mean, dtype)
