@@ -57,6 +57,33 @@ VBS_MESSAGE = (
             ValueError,
             "`renorm_clipping` needs a non-negative dmax. Received: dmax=-1.0",
         ),
+        # Minus infinity used to be read as "no bound", an rmax <= 0
+        # collapsed every output to beta, and rmin = inf gave NaN.
+        (
+            {"renorm": True, "renorm_clipping": {"dmax": -np.inf}},
+            ValueError,
+            "`renorm_clipping` needs a non-negative dmax. Received: dmax=-inf",
+        ),
+        (
+            {"renorm": True, "renorm_clipping": {"rmax": -np.inf}},
+            ValueError,
+            "`renorm_clipping` needs a positive rmax: r = s_B / s_r is "
+            "positive, and clipping it to zero or below would discard the "
+            "input. Received: rmax=-inf",
+        ),
+        (
+            {"renorm": True, "renorm_clipping": {"rmax": 0}},
+            ValueError,
+            "`renorm_clipping` needs a positive rmax: r = s_B / s_r is "
+            "positive, and clipping it to zero or below would discard the "
+            "input. Received: rmax=0.0",
+        ),
+        (
+            {"renorm": True, "renorm_clipping": {"rmin": np.inf}},
+            ValueError,
+            "`renorm_clipping` needs a finite rmin: an infinite lower "
+            "bound makes every output infinite. Received: rmin=inf",
+        ),
         (
             {"renorm_clipping": {"rmax": 3}},
             ValueError,

@@ -83,11 +83,23 @@ def _check_clipping(renorm, renorm_clipping):
                 f"`renorm_clipping['{key}']` must be a number or None. "
                 f"Received: renorm_clipping={renorm_clipping!r}"
             )
-        if key != "rmin" and math.isinf(value):
+        if key != "rmin" and value == math.inf:
             # An infinite upper bound is no bound; keep configs finite.
+            # Minus infinity is no such thing and is checked below.
             continue
         clipping[key] = float(value)
     rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
+    if rmax is not None and not rmax > 0:
+        raise ValueError(
+            "`renorm_clipping` needs a positive rmax: r = s_B / s_r is "
+            "positive, and clipping it to zero or below would discard the "
+            f"input. Received: rmax={rmax}"
+        )
+    if rmin == math.inf:
+        raise ValueError(
+            "`renorm_clipping` needs a finite rmin: an infinite lower "
+            f"bound makes every output infinite. Received: rmin={rmin}"
+        )
     if rmin is not None and rmax is not None and rmin > rmax:
         raise ValueError(
             "`renorm_clipping` needs rmin <= rmax. "
