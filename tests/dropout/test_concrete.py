@@ -47,6 +47,41 @@ def test_regularizer_matches_the_paper():
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
+def test_regularizer_counts_input_channels_of_transposed_convolutions():
+    # A transposed convolution's kernel ends with (filters, inputs): K was
+    # read from kernel.shape[-2], the number of filters.
+    p = 0.3
+    inner = keras.layers.Conv2DTranspose(4, 3)
+    layer = ConcreteDropout(
+        inner, weight_regularizer=0.0, dropout_regularizer=1.0, initial_rate=p
+    )
+    layer(np.ones((2, 5, 5, 7), "float32"))
+    expected = 7 * (p * np.log(p) + (1 - p) * np.log(1 - p))
+    (loss,) = layer.losses
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("logit", [-110.0, 20.0])
+def test_saturated_rate_keeps_loss_and_output_finite(logit):
+    # In float32, sigmoid is exactly 0 below about -104 and exactly 1 from
+    # about 17: 0 * log(0) and 1 / (1 - 1) made the loss and output NaN.
+    layer = ConcreteDropout(keras.layers.Dense(2), seed=0)
+    x = np.ones((4, 3), "float32")
+    layer(x)
+    layer.rate_logit.assign(logit)
+    y = layer(x, training=True)
+    (loss,) = layer.losses
+    assert np.isfinite(float(loss)), float(loss)
+    assert np.all(np.isfinite(y.numpy()))
+
+
+def test_tiny_initial_rate_gives_a_finite_loss():
+    layer = ConcreteDropout(keras.layers.Dense(2), initial_rate=1e-50)
+    layer(np.ones((4, 3), "float32"), training=True)
+    (loss,) = layer.losses
+    assert np.isfinite(float(loss)), float(loss)
+
+
 def test_mean_matches_the_relaxation():
     p, t = 0.2, 0.1
     n = 1024
@@ -89,7 +124,8 @@ def test_layer_without_kernel_is_rejected():
         ConcreteDropout(inner)
 
 
-@pytest.mark.parametrize("initial_rate", [0.0, 1.0, -0.5])
+# 1 - 1e-12 rounds to 1 in float32; the message named `rate` for it.
+@pytest.mark.parametrize("initial_rate", [0.0, 1.0, -0.5, 1 - 1e-12])
 def test_bad_initial_rate_is_rejected(initial_rate):
     message = (
         "`initial_rate` must be a number in the open range (0, 1): its logit "

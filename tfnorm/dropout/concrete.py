@@ -12,6 +12,13 @@ from tfnorm.dropout.base import float32_repr
 # Keeps log(u) and log(1 - u) finite for uniforms at the ends of [0, 1).
 _EPSILON = 1e-7
 
+# Their kernels end with (filters, input channels), not the other way.
+_TRANSPOSED = (
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+)
+
 
 def _check_nonnegative(value, name):
     if (
@@ -50,10 +57,13 @@ class ConcreteDropout(KernelWrapper):
 
     with `W` the wrapped kernel and `K` its number of input features
     (`kernel.shape[-2]`, the inputs of a Dense or the channels of a
-    convolution). The second term is `-K` times the entropy of the rate: it
-    pulls `p` towards 0.5 and balances the first, which favours small `p`.
-    The paper sets `weight_regularizer = l^2 / N` and `dropout_regularizer =
-    2 / N` for N training examples and prior length scale l.
+    convolution; `kernel.shape[-1]` for a transposed convolution). The
+    second term is `-K` times the entropy of the rate: it pulls `p`
+    towards 0.5 and balances the first, which favours small `p`. The paper
+    sets `weight_regularizer = l^2 / N` and `dropout_regularizer = 2 / N`
+    for N training examples and prior length scale l. Both terms, and the
+    mask's rescaling, are computed from `rate_logit` directly, so they stay
+    finite where `sigmoid` rounds the rate to exactly 0 or 1 in float32.
 
     The learned rate is visible as weights: the trainable `rate_logit`, and
     a non-trainable `rate` that mirrors `sigmoid(rate_logit)` at each
@@ -125,6 +135,8 @@ class ConcreteDropout(KernelWrapper):
                 initial_rate, (int, float, np.floating, np.integer)
             )
             or not 0.0 < initial_rate < 1.0
+            # The rate is mirrored in float32, where it must stay below 1.
+            or not np.float32(initial_rate) < 1.0
         ):
             raise ValueError(
                 "`initial_rate` must be a number in the open range (0, 1): "
@@ -161,14 +173,29 @@ class ConcreteDropout(KernelWrapper):
     def rate(self):
         """The current learned rate, `sigmoid(rate_logit)`, a Python float."""
         logit = float(ops.convert_to_numpy(self.rate_logit.value))
-        return float32_repr(1.0 / (1.0 + math.exp(-logit)))
+        # exp of a positive argument only: no overflow for any float32.
+        if logit >= 0:
+            rate = 1.0 / (1.0 + math.exp(-logit))
+        else:
+            rate = math.exp(logit) / (1.0 + math.exp(logit))
+        return float32_repr(rate)
 
-    def _regularizer(self, rate):
+    def _regularizer(self, logit):
         kernel = ops.convert_to_tensor(self._kernel().value)
         kernel = ops.cast(kernel, "float32")
-        weight_term = ops.sum(ops.square(kernel)) / (1.0 - rate)
-        neg_entropy = rate * ops.log(rate) + (1.0 - rate) * ops.log1p(-rate)
-        input_features = kernel.shape[-2] if len(kernel.shape) > 1 else 1
+        # With p = sigmoid(logit): 1 / (1 - p) = 1 + exp(logit),
+        # log p = -softplus(-logit) and log(1 - p) = -softplus(logit). In
+        # float32, sigmoid is exactly 1 from logit 17 on (and 0 below
+        # -104), where 1 / (1 - p) and 0 * log(0) would give inf and NaN.
+        weight_term = ops.sum(ops.square(kernel)) * (1.0 + ops.exp(logit))
+        neg_entropy = -(
+            ops.sigmoid(logit) * ops.softplus(-logit)
+            + ops.sigmoid(-logit) * ops.softplus(logit)
+        )
+        if isinstance(self.layer, _TRANSPOSED):
+            input_features = kernel.shape[-1]
+        else:
+            input_features = kernel.shape[-2] if len(kernel.shape) > 1 else 1
         return (
             self.weight_regularizer * weight_term
             + self.dropout_regularizer * input_features * neg_entropy
@@ -177,7 +204,7 @@ class ConcreteDropout(KernelWrapper):
     def call(self, inputs, training=False):
         logit = ops.convert_to_tensor(self.rate_logit.value)
         rate = ops.sigmoid(logit)
-        self.add_loss(self._regularizer(rate))
+        self.add_loss(self._regularizer(logit))
         # `training` is not passed on: a kernel layer does not use it, and
         # an explicit value would leak into later sibling layers (Keras 3.15).
         if not training:
@@ -185,10 +212,9 @@ class ConcreteDropout(KernelWrapper):
         self._rate.assign(rate)
         u = self._uniform(ops.shape(inputs), self._next_seed())
         u = ops.clip(u, _EPSILON, 1.0 - _EPSILON)
-        drop = ops.sigmoid(
-            (logit + ops.log(u) - ops.log1p(-u)) / self.temperature
-        )
-        factor = (1.0 - drop) / (1.0 - rate)
+        relaxed = (logit + ops.log(u) - ops.log1p(-u)) / self.temperature
+        # (1 - drop) / (1 - rate), written to stay finite as rate -> 1.
+        factor = ops.sigmoid(-relaxed) * (1.0 + ops.exp(logit))
         x = ops.convert_to_tensor(inputs)
         if not keras.backend.is_float_dtype(x.dtype):
             x = ops.cast(x, "float32")
