@@ -248,3 +248,21 @@ def test_combined_moments_keep_variance_of_large_mean_inputs(strategy, float64):
         # which moves the spread between replica means by about as much;
         # squares summed about zero in float32 would be off by units.
         np.testing.assert_allclose(m2 / 9, full.var(0), rtol=2e-3)
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        tf.distribute.TPUStrategy,
+        tf.distribute.experimental.TPUStrategy,
+        tf.compat.v1.distribute.experimental.TPUStrategy,
+    ],
+    ids=["v2", "experimental", "v1"],
+)
+def test_every_tpu_strategy_combines_in_float32(cls):
+    # The experimental and TF1 TPU strategies are not subclasses of
+    # tf.distribute.TPUStrategy and used to get the float64 all-reduce,
+    # which TPUs cannot run. No TPU here: an uninitialized instance is
+    # enough for the type check.
+    assert not _moments.combines_in_float64(cls.__new__(cls))
+    assert _moments.combines_in_float64(tf.distribute.MirroredStrategy())

@@ -14,6 +14,23 @@ import tensorflow as tf
 
 Moments = collections.namedtuple("Moments", ["count", "mean", "m2"])
 
+# TPU strategies, which have no float64. The TF1-era classes are not
+# subclasses of `tf.distribute.TPUStrategy` and are still public.
+_TPU_STRATEGIES = tuple(
+    cls
+    for cls in (
+        tf.distribute.TPUStrategy,
+        getattr(tf.distribute.experimental, "TPUStrategy", None),
+        getattr(tf.compat.v1.distribute.experimental, "TPUStrategy", None),
+    )
+    if cls is not None
+)
+
+
+def combines_in_float64(strategy):
+    """Whether `all_reduce_moments` may use float64 under `strategy`."""
+    return not isinstance(strategy, _TPU_STRATEGIES)
+
 
 def variance(moments):
     """Biased variance; zero where there is no data."""
@@ -100,7 +117,7 @@ def all_reduce_moments(ctx, moments, float64=None):
             chooses float64 everywhere but under `TPUStrategy`.
     """
     if float64 is None:
-        float64 = not isinstance(ctx.strategy, tf.distribute.TPUStrategy)
+        float64 = combines_in_float64(ctx.strategy)
     if not float64:
         return _all_reduce_moments_float32(ctx, moments)
     dtype = moments.mean.dtype
