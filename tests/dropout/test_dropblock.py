@@ -216,6 +216,30 @@ def test_unknown_spatial_dims():
         assert abs(per_map.mean() - 0.2) < 4 * stderr, per_map.mean()
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: DropBlock2D(0.3, block_size=3, seed=0), (2, 0, 5, 3)),
+        (lambda: DropBlock2D(0.3, block_size=3, seed=0), (2, 5, 0, 3)),
+        (lambda: DropBlock1D(0.3, block_size=3, seed=0), (2, 0, 3)),
+    ],
+    ids=["2d_no_rows", "2d_no_columns", "1d_no_steps"],
+)
+def test_empty_map_gives_empty_output(make, shape, jit_compile):
+    # A map of zero height or width asked for a negative padding, and
+    # TensorFlow's max-pool kernel raised SIGFPE on its empty output.
+    layer = make()
+    # Eagerly the shape is static and the mask is skipped outright.
+    assert tuple(layer(tf.ones(shape), training=True).shape) == shape
+    fn = tf.function(
+        lambda a: layer(a, training=True),
+        jit_compile=jit_compile,
+        input_signature=[tf.TensorSpec([None] * len(shape))],
+    )
+    assert tuple(fn(tf.ones(shape)).shape) == shape
+
+
 def test_xla_drop_fraction():
     layer = DropBlock2D(0.1, block_size=4, seed=15)
     fn = tf.function(lambda a: layer(a, training=True), jit_compile=True)

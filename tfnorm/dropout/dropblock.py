@@ -114,8 +114,10 @@ def _block_keep_scale(shape, block, rate, seed, uniform):
     (b_h, b_w); each side is clipped to the map at run time.
     """
     height, width = shape[1], shape[2]
-    block_h = ops.minimum(block[0], height)
-    block_w = ops.minimum(block[1], width)
+    # At least 1: XLA compiles both branches of `_drop`'s cond, so an empty
+    # map (H or W of 0) reaches here and must not ask for a negative padding.
+    block_h = ops.maximum(ops.minimum(block[0], height), 1)
+    block_w = ops.maximum(ops.minimum(block[1], width), 1)
     gamma = dropblock_seed_rate(rate, height, width, block_h, block_w)
 
     # Seeds only where a whole (clipped) block fits.
@@ -176,6 +178,22 @@ class _DropBlock(DropoutLayer):
         self.input_spec = keras.layers.InputSpec(ndim=self._rank + 2)
 
     def _drop(self, inputs, rate, seed):
+        # An empty map has nothing to drop, and TensorFlow's max-pool
+        # kernel dies with SIGFPE when its output is empty (a map of width
+        # 0), so such inputs skip the mask: statically when the shape is
+        # known, as under XLA, and through a cond otherwise.
+        size = inputs.shape.num_elements()
+        if size == 0:
+            return inputs
+        if size is not None:
+            return self._drop_blocks(inputs, rate, seed)
+        return tf.cond(
+            tf.size(inputs) > 0,
+            lambda: self._drop_blocks(inputs, rate, seed),
+            lambda: inputs,
+        )
+
+    def _drop_blocks(self, inputs, rate, seed):
         dims = ops.shape(inputs)
         # The mask is built as (N, H, W, C) for max-pooling, which TensorFlow
         # runs channels-last only. Channels-first maps become N * C maps of
