@@ -258,6 +258,30 @@ def _model_text(config):
     return f"{model}" + (f" at {width:g}x width" if width != 1.0 else "")
 
 
+def describe_runs(runs):
+    """`describe` of each network among `runs`, with its variants.
+
+    A study may train several networks (E2's MLP and its deep linear
+    net): each is described with its own learning rates, not the first
+    run's network with every rate of the grid.
+    """
+    groups = {}
+    for run in runs:
+        groups.setdefault(_model_text(run.config), []).append(run)
+    if len(groups) == 1:
+        (group,) = groups.values()
+        rates = sorted({run.config["learning_rate"] for run in group})
+        return describe(group[0].config, rates)
+    parts = []
+    for group in groups.values():
+        rates = sorted({run.config["learning_rate"] for run in group})
+        variants = ", ".join(dict.fromkeys(_arm(run) for run in group))
+        parts.append(
+            f"({variants}) {describe(group[0].config, rates).rstrip('.')}"
+        )
+    return "; ".join(parts) + "."
+
+
 def describe(config, learning_rates):
     """One sentence: the model and how it was trained."""
     sgd = "SGD"
@@ -318,13 +342,12 @@ def write_report(exp_dir):
     config = runs[0].config
     seeds = sorted({run.result["seed"] for run in runs})
     train_s = sum(run.result["wall_s"] for run in runs)
-    learning_rates = sorted({run.config["learning_rate"] for run in runs})
     text = [
         f"# {config['name']}",
         "",
         f"{len(runs)} runs ({len(rows)} variants, seeds "
         f"{', '.join(map(str, seeds))}) on `{config['dataset']}`: "
-        f"{describe(config, learning_rates)} "
+        f"{describe_runs(runs)} "
         f"Training took {train_s:.0f} s in total.",
         "",
         markdown_table(rows, runs),

@@ -114,3 +114,34 @@ def test_a_finished_run_of_another_batch_sampling_is_refused(tmp_path, tiny):
     assert str(info.value) == (
         "Unknown batch_sampling 'pairs'. Valid: iid, two_classes."
     )
+
+
+def _fake_run(arm, hidden, activation, lr):
+    config = {
+        "hidden_units": hidden,
+        "activation": activation,
+        "learning_rate": lr,
+        "batch_size": 128,
+        "steps": 600,
+    }
+    return report.Run(config, {"arm": arm, "variant": arm}, [])
+
+
+def test_describe_runs_names_each_network_with_its_own_rates():
+    mlp = [_fake_run(v, [256] * 6, "relu", 0.1) for v in ("none", "bn")]
+    deep = [
+        _fake_run(f"dln_{v}_lr{lr:g}", [64] * 24, "linear", lr)
+        for lr in (0.001, 0.01)
+        for v in ("none", "bn")
+    ]
+    assert report.describe_runs(mlp) == (
+        "an MLP with 6 hidden layers of 256 units (relu), SGD at learning "
+        "rate 0.1, batch 128, 600 steps."
+    )
+    assert report.describe_runs(mlp + deep) == (
+        "(none, bn) an MLP with 6 hidden layers of 256 units (relu), SGD at "
+        "learning rate 0.1, batch 128, 600 steps; (dln_none_lr0.001, "
+        "dln_bn_lr0.001, dln_none_lr0.01, dln_bn_lr0.01) an MLP with 24 "
+        "hidden layers of 64 units (linear), SGD at learning rates 0.001, "
+        "0.01, batch 128, 600 steps."
+    )

@@ -22,6 +22,18 @@ from zoo.studies import recorder
 PROBE_EXAMPLES = 256
 PROBE_BATCHES = 20
 
+# E2's deep linear arm (Santurkar et al., Fig. 5b: in a 25-layer deep
+# linear network BN's ICS comes out larger): 25 Dense layers of width 64
+# (24 hidden and the logits) without activation, with and without BN
+# after every hidden one, at two plain SGD rates: 0.01, the largest of
+# {0.001, 0.01, 0.05} at which the unnormalized net trained in a first
+# trial (it diverged at 0.05), and ten times smaller. Arms and folders
+# are labelled `dln_{variant}_lr{rate}`.
+DEEP_LINEAR = "dln"
+DEEP_LINEAR_DEPTH = 25
+DEEP_LINEAR_WIDTH = 64
+DEEP_LINEAR_RATES = (0.001, 0.01)
+
 
 @experiments.register
 def santurkar_lr():
@@ -273,17 +285,24 @@ def santurkar_landscape():
     Command: `tfnorm-zoo run santurkar-landscape` (`--smoke` in
     seconds); `tfnorm-zoo reproduce` runs it with the other studies.
 
-    Measured: 2 min 40 s for the 6 runs on 2 CPU cores shared with other
-    jobs. Verdict: not reproduced, because of the ICS criterion. Mean ±
-    std over 3 seeds: the landscape part agrees with the paper by a wide
-    margin (early loss band 2.97 ± 0.50 without BN vs 0.021 ± 0.001
-    with, largest gradient change 15.9 ± 1.8 vs 0.70 ± 0.05; beta-
-    smoothness 16.5 vs 7.1 on average, though its coefficient of
-    variation, 0.53 vs 0.59, does not show BN's as flatter: BN's falls
-    steadily from about 14 to 3 rather than staying level). But BN's
-    internal covariate shift came out clearly smaller, not similar or
-    larger: relative ||G - G'|| / ||G|| 0.40 ± 0.03 with BN vs 0.84 ±
-    0.04 without, cosine 0.92 vs 0.49.
+    Measured: 4 min 35 s for the 18 runs (6 MLP, 12 deep linear) on 2
+    CPU cores, otherwise idle. Verdict: not reproduced, because of the
+    ICS criterion. Mean ± std over 3 seeds: the landscape part agrees
+    with the paper by a wide margin (early loss band 2.97 ± 0.50 without
+    BN vs 0.021 ± 0.001 with, largest gradient change 15.9 ± 1.8 vs 0.70
+    ± 0.05; beta-smoothness 16.5 vs 7.1 on average, though its
+    coefficient of variation, 0.53 vs 0.59, does not show BN's as
+    flatter: BN's falls steadily from about 14 to 3 rather than staying
+    level). But BN's internal covariate shift came out clearly smaller,
+    not similar or larger: relative ||G - G'|| / ||G|| 0.40 ± 0.03 with
+    BN vs 0.84 ± 0.04 without, cosine 0.92 vs 0.49. In the 25-layer deep
+    linear net the same at LR 0.01 (0.26 ± 0.01 with BN vs 0.68 ± 0.04
+    without); at LR 0.001 the two lie inside the spread over the run
+    (0.055 ± 0.015 vs 0.071 ± 0.014), with BN's the larger during the
+    first 200 steps (0.057 ± 0.017 vs 0.028 ± 0.009), as in the paper's
+    Fig. 5, and the smaller after. BN's deep linear nets ended ahead in
+    accuracy at both rates (0.827 vs 0.749 at 0.001, 0.890 vs 0.874 at
+    0.01).
 
     The E1 MLP without BN and with BN before the ReLU, plain SGD at 0.1
     (so the preceding layers' step in Definition 2.1 is exactly
@@ -291,8 +310,9 @@ def santurkar_landscape():
     of 20 fixed training batches: `tfnorm.diagnostics.loss_landscape`
     (8 step sizes in [0.05, 0.4]: loss band, gradient-change band,
     beta-smoothness) and `internal_covariate_shift` of every kernel
-    layer. The deep linear network of the paper's Fig. 5 is not part of
-    this experiment yet.
+    layer. The deep linear arm (Fig. 5): 25 Dense layers of 64 units
+    without activation, BN after every hidden one or none, plain SGD at
+    0.001 and 0.01, the same steps, seeds and batches, ICS only.
     """
     return experiments.Experiment(
         name="santurkar-landscape",
@@ -320,13 +340,80 @@ def _probe_batches(split, batch_size):
     ]
 
 
+def deep_linear_grid(experiment):
+    """(run experiment, arm, seed) of E2's deep linear arm, seed by seed.
+
+    Every variant of `experiment` on the 25-layer linear net at each rate
+    of `DEEP_LINEAR_RATES`; a smoke experiment gets a 4-layer net of
+    width 8 at the first rate only.
+    """
+    depth, width = DEEP_LINEAR_DEPTH, DEEP_LINEAR_WIDTH
+    rates = DEEP_LINEAR_RATES
+    if experiment.smoke:
+        depth, width, rates = 4, 8, rates[:1]
+    cells = [
+        experiment.replace(
+            hidden_units=(width,) * (depth - 1),
+            activation="linear",
+            learning_rate=rate,
+        )
+        for rate in rates
+    ]
+    return [
+        (
+            cell,
+            experiments.Arm(
+                f"{DEEP_LINEAR}_{variant}_lr{cell.learning_rate:g}",
+                variant,
+                cell.learning_rate,
+            ),
+            seed,
+        )
+        for seed in range(experiment.seeds)
+        for cell in cells
+        for variant in experiment.variants
+    ]
+
+
+def grid(experiment):
+    """The MLP arms of `experiment`, then the deep linear arm.
+
+    A smoke run keeps to the two MLP runs, so that `reproduce --smoke`
+    (run in CI) takes no longer than before; `deep_linear_grid` of a
+    smoke experiment gives the arm's smoke runs, which
+    tests/zoo/test_studies_e2.py trains.
+    """
+    runs = [
+        (experiment, arm, seed)
+        for seed in range(experiment.seeds)
+        for arm in experiment.arms()
+    ]
+    if not experiment.smoke:
+        runs += deep_linear_grid(experiment)
+    return runs
+
+
+def _is_deep_linear(run):
+    return run.config.get("activation") == "linear"
+
+
 def _landscape_callbacks(experiment, split, run_dir):
     batches = _probe_batches(split, experiment.batch_size)
     period = experiment.log_every
-    landscape = tfnorm.diagnostics.LossLandscapeCallback(batches, period)
     ics = tfnorm.diagnostics.InternalCovariateShiftCallback(
         batches, period, learning_rate=experiment.learning_rate
     )
+    if experiment.activation == "linear":
+        # Fig. 5b measures ICS only. With 24 shifted layers the probe
+        # loops over them (`unroll=None`): one full gradient per layer,
+        # against half a minute to compile the unrolled graph per run.
+        return [
+            ics,
+            recorder.DiagnosticsRecorder(
+                run_dir, [(ics, recorder.flatten_ics)]
+            ),
+        ]
+    landscape = tfnorm.diagnostics.LossLandscapeCallback(batches, period)
     return [
         landscape,
         ics,
@@ -379,9 +466,7 @@ def landscape_measures(lines, steps):
             float(np.std(betas) / np.mean(betas)) if len(betas) > 1 else nan
         ),
         "beta_mean": float(np.mean(betas)) if betas else nan,
-        "ics_relative": common.mean_of(lines, _ics_tags(lines, "/relative")),
-        "ics_l2": common.mean_of(lines, _ics_tags(lines, "/l2")),
-        "ics_cosine": common.mean_of(lines, _ics_tags(lines, "/cosine")),
+        **ics_measures(lines),
     }
 
 
@@ -419,6 +504,44 @@ def evaluate_landscape(measures):
     ]
 
 
+def ics_measures(lines):
+    """Mean relative ICS, l2 ICS and cosine over layers and probes.
+
+    The first kernel layer, whose shift is zero by definition, is left
+    out. NaN where the run recorded none (a diverged run's probes).
+    """
+    return {
+        "ics_relative": common.mean_of(lines, _ics_tags(lines, "/relative")),
+        "ics_l2": common.mean_of(lines, _ics_tags(lines, "/l2")),
+        "ics_cosine": common.mean_of(lines, _ics_tags(lines, "/cosine")),
+    }
+
+
+def evaluate_deep_linear(measures, depth=DEEP_LINEAR_DEPTH):
+    """E2's deep linear checks from `{(variant, lr): [ics_measures]}`.
+
+    One check per learning rate: BN's relative ICS is not clearly smaller
+    than no BN's (the paper finds it larger).
+    """
+    checks = []
+    for lr in sorted({lr for _, lr in measures}):
+
+        def column(variant, lr=lr):
+            values = measures.get((variant, lr), [])
+            return common.finite([m["ics_relative"] for m in values])
+
+        checks.append(
+            verdict.not_less(
+                f"in the {depth}-layer deep linear net at LR {lr:g}, BN's "
+                "ICS (relative ||G - G'|| / ||G||) is not clearly smaller "
+                "than no BN's",
+                column("bn_before"),
+                column("none"),
+            )
+        )
+    return checks
+
+
 MEASURE_TEXT = {
     "loss_band": "early loss band",
     "grad_change": "early max gradient change",
@@ -431,10 +554,12 @@ MEASURE_TEXT = {
 
 
 def _evaluate_landscape(exp_dir, runs):
-    steps = runs[0].config["steps"]
+    mlp_runs = [run for run in runs if not _is_deep_linear(run)]
+    deep_runs = [run for run in runs if _is_deep_linear(run)]
+    steps = mlp_runs[0].config["steps"]
     measures = {}
     lines_of = {}
-    for run in sorted(runs, key=lambda r: r.result["seed"]):
+    for run in sorted(mlp_runs, key=lambda r: r.result["seed"]):
         lines = recorder.load(studies.run_dir(exp_dir, run))
         lines_of[id(run)] = lines
         measures.setdefault(run.config["variant"], []).append(
@@ -461,28 +586,176 @@ def _evaluate_landscape(exp_dir, runs):
         f"{stat('none', 'ics_relative'):.3g} vs "
         f"{stat('bn_before', 'ics_relative'):.3g}"
     )
-    markdown = "\n".join(
-        [
-            "## Measured",
-            "",
-            *table,
-            "",
-            f"Probes every {runs[0].config['log_every']} steps on "
-            "training batches; early means the first third of the run "
-            f"(steps up to {steps // 3}). ICS averages over the kernel "
-            "layers after the first and over the probes.",
-        ]
-    )
-    _plot_landscape(exp_dir, runs, lines_of)
+    sections = [
+        "## Measured",
+        "",
+        *table,
+        "",
+        f"Probes every {mlp_runs[0].config['log_every']} steps on "
+        "training batches; early means the first third of the run "
+        f"(steps up to {steps // 3}). ICS averages over the kernel "
+        "layers after the first and over the probes.",
+    ]
+    plots = [
+        ("landscape.png", "loss and gradient bands, beta-smoothness"),
+        ("ics.png", "internal covariate shift"),
+    ]
+    _plot_landscape(exp_dir, mlp_runs, lines_of)
+    if deep_runs:
+        deep = _evaluate_deep_linear(exp_dir, deep_runs)
+        checks += deep["checks"]
+        headline += f"; deep linear net: {deep['headline']}"
+        sections += ["", *deep["markdown"]]
+        plots.append(("deep_linear_ics.png", deep["caption"]))
     return studies.Evaluation(
         checks=checks,
         headline=headline,
-        markdown=markdown,
-        plots=(
-            ("landscape.png", "loss and gradient bands, beta-smoothness"),
-            ("ics.png", "internal covariate shift"),
-        ),
+        markdown="\n".join(sections),
+        plots=tuple(plots),
     )
+
+
+def _layer_index(tag, depth):
+    """1-based depth of the kernel layer of an `ics/<layer>/...` tag."""
+    name = tag.split("/")[1]
+    return int(name.split("_")[1]) if name.startswith("dense_") else depth
+
+
+def _evaluate_deep_linear(exp_dir, runs):
+    """Checks, headline, markdown and plot of the deep linear arm."""
+    config = runs[0].config
+    depth = len(config["hidden_units"]) + 1
+    measures, accuracy, lines_of = {}, {}, {}
+    for run in sorted(runs, key=lambda r: r.result["seed"]):
+        key = common.variant_and_lr(run)
+        lines = recorder.load(studies.run_dir(exp_dir, run))
+        lines_of[id(run)] = lines
+        measures.setdefault(key, []).append(ics_measures(lines))
+        accuracy.setdefault(key, []).append(common.final_accuracy(run))
+    checks = evaluate_deep_linear(measures, depth)
+    rates = sorted({lr for _, lr in measures})
+
+    def cell(table, variant, lr, key=None):
+        values = table.get((variant, lr), [])
+        if key is not None:
+            values = [m[key] for m in values]
+        return verdict.Stat.of(common.finite(values)).text(3)
+
+    rows = ["| measure | no BN | BN |", "|---|---|---|"]
+    for lr in rates:
+        for key, text in (
+            ("ics_relative", "ICS, relative"),
+            ("ics_l2", "ICS, l2"),
+            ("ics_cosine", "ICS, cosine of G and G'"),
+        ):
+            rows.append(
+                f"| {text}, LR {lr:g} | {cell(measures, 'none', lr, key)} | "
+                f"{cell(measures, 'bn_before', lr, key)} |"
+            )
+        rows.append(
+            f"| final val accuracy, LR {lr:g} | "
+            f"{cell(accuracy, 'none', lr)} | "
+            f"{cell(accuracy, 'bn_before', lr)} |"
+        )
+    headline = ", ".join(
+        f"relative ICS at LR {lr:g} "
+        f"{verdict.Stat.of(_relative(measures, 'none', lr)).text(2)} "
+        f"without BN vs "
+        f"{verdict.Stat.of(_relative(measures, 'bn_before', lr)).text(2)}"
+        for lr in rates
+    )
+    width = config["hidden_units"][0]
+    markdown = [
+        f"### Deep linear net ({depth} layers of {width}, no activation)",
+        "",
+        *rows,
+        "",
+        f"{depth} Dense layers without activation, BN after every hidden "
+        f"one or none, plain SGD, {config['steps']} steps; ICS of every "
+        f"layer every {config['log_every']} steps on the same training "
+        "batches as the MLP, averaged over the layers after the first and "
+        "over the probes.",
+    ]
+    _plot_deep_linear(exp_dir, runs, lines_of, rates, depth)
+    return {
+        "checks": checks,
+        "headline": headline,
+        "markdown": markdown,
+        "caption": "ICS in the deep linear net, over training and by depth",
+    }
+
+
+def _relative(measures, variant, lr):
+    return common.finite(
+        [m["ics_relative"] for m in measures.get((variant, lr), [])]
+    )
+
+
+def _plot_deep_linear(exp_dir, runs, lines_of, rates, depth):
+    plt = common.pyplot()
+    fig, axes = plt.subplots(
+        2, len(rates), figsize=(5.5 * len(rates), 7.5), squeeze=False
+    )
+    colors = {"none": "tab:red", "bn_before": "tab:blue"}
+    for column, lr in enumerate(rates):
+        over_steps, by_layer = axes[0][column], axes[1][column]
+        for variant in ("none", "bn_before"):
+            group = [
+                lines_of[id(run)]
+                for run in runs
+                if common.variant_and_lr(run) == (variant, lr)
+            ]
+            if not group:
+                continue
+            series = []
+            for lines in group:
+                tags = _ics_tags(lines, "/relative")
+                series.append(
+                    _series(
+                        lines, lambda line, t=tags: common.mean_of([line], t)
+                    )
+                )
+            steps = sorted(set.intersection(*(set(s) for s in series)))
+            if steps:
+                common.band(
+                    over_steps,
+                    steps,
+                    [[s[t] for t in steps] for s in series],
+                    variant,
+                    colors[variant],
+                )
+            tags = sorted(
+                set.intersection(
+                    *(set(_ics_tags(lines, "/relative")) for lines in group)
+                ),
+                key=lambda tag: _layer_index(tag, depth),
+            )
+            if tags:
+                common.band(
+                    by_layer,
+                    [_layer_index(tag, depth) for tag in tags],
+                    [
+                        [common.mean_of(lines, [tag]) for tag in tags]
+                        for lines in group
+                    ],
+                    variant,
+                    colors[variant],
+                )
+        over_steps.set_title(
+            f"LR {lr:g}: relative ICS, mean over layers", fontsize="medium"
+        )
+        over_steps.set_xlabel("training step")
+        by_layer.set_title(
+            f"LR {lr:g}: relative ICS by layer, mean over probes",
+            fontsize="medium",
+        )
+        by_layer.set_xlabel("layer (1 = input side)")
+        for ax in (over_steps, by_layer):
+            ax.set_ylabel("||G - G'|| / ||G||")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize="small")
+    common.save(fig, exp_dir / "deep_linear_ics.png")
 
 
 def _series(lines, tags_or_fn):
@@ -586,11 +859,13 @@ studies.register(
         paper="Santurkar et al. 2018, https://arxiv.org/abs/1805.11604",
         paper_result="VGG on CIFAR-10: gradient change up to about 250 "
         "without BN vs under 50 with it; beta-smoothness flat near 20 with "
-        "BN vs spiking 5-45 without; BN's ICS similar or larger.",
+        "BN vs spiking 5-45 without; BN's ICS similar or larger, and in a "
+        "25-layer deep linear net clearly larger.",
         criteria="no-BN loss and gradient bands several times wider than "
         "BN's early in training, BN's beta-smoothness flat, BN's ICS not "
-        "clearly smaller.",
+        "clearly smaller (in the MLP and in the deep linear net).",
         evaluate=_evaluate_landscape,
         callbacks=_landscape_callbacks,
+        grid=grid,
     )
 )
