@@ -9,7 +9,9 @@ ResNet-20 on 32x32x3 images (the packaged digits padded to CIFAR shape,
 - `zoo_jit`: the same with `jit=True` (XLA);
 - `plain`: the same network written with `keras.layers.BatchNormalization`,
   `model.fit` on an in-memory `tf.data` pipeline (shuffle, batch,
-  prefetch), no augmentation, no callbacks but the timer.
+  prefetch), no augmentation, no callbacks but the timer;
+- `plain_jit`: the plain script compiled with `jit_compile=True`, which
+  tells XLA's own speed on this machine apart from the zoo's overhead.
 
 Variants are interleaved round-robin in one process; each reports the
 median images/s over rounds of `--steps` timed steps after `--warmup`
@@ -104,7 +106,7 @@ def plain_resnet20(num_classes=10):
     return keras.Model(inputs, outputs)
 
 
-def run_plain(split, steps, warmup):
+def run_plain(split, steps, warmup, jit=False):
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     model = plain_resnet20()
@@ -112,7 +114,7 @@ def run_plain(split, steps, warmup):
         optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        jit_compile=False,
+        jit_compile=jit,
     )
     x = split.x_train.astype("float32") / 255.0
     ds = (
@@ -157,7 +159,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
-        "--variants", default="zoo,plain,zoo_jit", help="comma-separated"
+        "--variants",
+        default="zoo,plain,zoo_jit,plain_jit",
+        help="comma-separated",
     )
     args = parser.parse_args()
     split = data.load("digits32")
@@ -166,8 +170,10 @@ def main():
     with tempfile.TemporaryDirectory() as logdir:
         for _ in range(args.rounds):
             for name in names:
-                if name == "plain":
-                    speed = run_plain(split, args.steps, args.warmup)
+                if name in ("plain", "plain_jit"):
+                    speed = run_plain(
+                        split, args.steps, args.warmup, name == "plain_jit"
+                    )
                 else:
                     speed = run_zoo(
                         args.steps, args.warmup, name == "zoo_jit", logdir
@@ -188,6 +194,17 @@ def main():
                     f"  {name} / plain = {ratio:.2f} ({mark} the target "
                     f">= {target})"
                 )
+    if "plain" in medians and "plain_jit" in medians:
+        print(
+            "  plain_jit / plain = "
+            f"{medians['plain_jit'] / medians['plain']:.2f} (XLA itself)"
+        )
+    if "zoo_jit" in medians and "plain_jit" in medians:
+        print(
+            "  zoo_jit / plain_jit = "
+            f"{medians['zoo_jit'] / medians['plain_jit']:.2f} (the zoo "
+            "under XLA)"
+        )
 
 
 if __name__ == "__main__":
