@@ -156,3 +156,59 @@ def test_layers_subset_and_a_plain_bn_layer():
     h = x.astype(np.float64) @ dense.kernel.numpy() + dense.bias.numpy()
     _, std = ref.unit_moments(h)
     _close(stats["plain"]["output_std"], np.mean(std / np.sqrt(std**2 + EPS)))
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_ghost_renorm_r_and_d_per_group_against_numpy(axis):
+    # 10 examples in ghost groups of 4: groups of 4, 4 and 2. Rank 3 with
+    # the channel axis last or first, so the group moments reduce over
+    # the examples of a group and the other non-channel axis.
+    keras.utils.set_random_seed(0)
+    bn = tfnorm.BatchNormalization(
+        axis=axis,
+        renorm=True,
+        renorm_clipping=CLIPPING,
+        virtual_batch_size=4,
+        epsilon=EPS,
+        name="bn",
+    )
+    model = keras.Sequential([keras.Input((3, 3)), bn])
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((10, 3, 3)) * 2.0 + 1.0).astype("float32")
+    channels_last = np.moveaxis(x.astype(np.float64), axis, -1)
+    groups = [channels_last[0:4], channels_last[4:8], channels_last[8:10]]
+    moments = [ref.unit_moments(g) for g in groups]
+    mean = np.stack([m for m, _ in moments])
+    std = np.stack([s for _, s in moments])
+    # Renorm statistics that clip some groups' r or d and not others.
+    renorm_mean = mean.mean(0) + np.array([0.0, 0.4, -0.4])
+    renorm_stddev = std.mean(0) * np.array([1.0, 0.7, 1.3])
+    bn.renorm_mean.assign(renorm_mean.astype("float32"))
+    bn.renorm_stddev.assign(renorm_stddev.astype("float32"))
+
+    entry = diagnostics.layer_statistics(model, x)["bn"]
+    r, d, r_raw, d_raw = ref.renorm_r_d(
+        mean, std, renorm_mean, renorm_stddev, EPS, CLIPPING
+    )
+    assert entry["per_unit"]["r"].shape == (3, 3)
+    _close(entry["per_unit"]["r"], r)
+    _close(entry["per_unit"]["d"], d)
+    _close(entry["r_mean"], r.mean())
+    _close(entry["d_max"], d.max())
+    clipped = (r != r_raw) | (d != d_raw)
+    assert 0 < clipped.mean() < 1, clipped
+    assert entry["clipped"] == clipped.mean()
+    assert entry["r_clipped"] == np.mean(r != r_raw)
+
+    # The layer itself normalizes each group with these r and d.
+    y = np.moveaxis(bn(x, training=True).numpy().astype(np.float64), axis, -1)
+    for g, (start, stop) in enumerate([(0, 4), (4, 8), (8, 10)]):
+        expected = ref.bn_train(
+            groups[g].reshape(-1, 3),
+            bn.gamma.numpy(),
+            bn.beta.numpy(),
+            EPS,
+            r[g],
+            d[g],
+        ).reshape(groups[g].shape)
+        np.testing.assert_allclose(y[start:stop], expected, atol=1e-4)

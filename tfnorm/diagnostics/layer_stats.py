@@ -65,6 +65,41 @@ def _unit_moments(t, axis):
     return tf.reshape(mean, [-1]), tf.sqrt(var)
 
 
+def _group_moments(t, axis, group_size):
+    """Per-channel mean and biased std of each ghost group, in float64.
+
+    Groups are contiguous runs of `group_size` examples along the batch
+    axis, the last one smaller when the batch does not divide evenly, as
+    tfnorm's ghost BN forms them. Returns two (groups, channels) tensors.
+    """
+    t = tf.cast(t, tf.float64)
+    rank = len(t.shape)
+    axis = axis % rank
+    # (batch, everything else, channels).
+    perm = [0] + [i for i in range(1, rank) if i != axis] + [axis]
+    t = tf.transpose(t, perm)
+    batch = tf.shape(t)[0]
+    t = tf.reshape(t, [batch, -1, t.shape[-1]])
+    group_of = tf.range(batch) // group_size
+    groups = (batch + group_size - 1) // group_size
+
+    def per_group(values):
+        return tf.math.unsorted_segment_sum(values, group_of, groups)
+
+    count = per_group(tf.fill([batch], tf.cast(tf.shape(t)[1], tf.float64)))
+    count = tf.expand_dims(count, 1)
+    mean = per_group(tf.reduce_sum(t, 1)) / count
+    centered = t - tf.expand_dims(tf.gather(mean, group_of), 1)
+    var = per_group(tf.reduce_sum(tf.square(centered), 1)) / count
+    return mean, tf.sqrt(var)
+
+
+def _is_ghost_renorm(layer):
+    return bool(getattr(layer, "renorm", False)) and bool(
+        getattr(layer, "virtual_batch_size", None)
+    )
+
+
 def _introduced_zeros(inputs, outputs):
     """Fraction of the non-zero inputs that the layer set to zero."""
     nonzero = tf.not_equal(inputs, 0)
@@ -121,6 +156,11 @@ def _make_stats_function(model, tracked):
             )
             if isinstance(layer, _DROPOUT_TYPES):
                 entry["drop_rate"] = _introduced_zeros(inputs, outputs)
+            if _is_ghost_renorm(layer):
+                # Renorm's r and d come from each ghost group's moments.
+                entry["group_mean"], entry["group_std"] = _group_moments(
+                    inputs, axis, layer.virtual_batch_size
+                )
             results[name] = entry
         return results
 
@@ -170,7 +210,7 @@ def _renorm(layer, mean, std):
     return result, {"r": r, "d": d}
 
 
-def _bn_entry(layer, per_unit):
+def _bn_entry(layer, per_unit, values):
     moving_mean = np.asarray(layer.moving_mean.numpy(), np.float64)
     moving_variance = np.asarray(layer.moving_variance.numpy(), np.float64)
     entry = {
@@ -180,15 +220,21 @@ def _bn_entry(layer, per_unit):
         "moving_variance_min": float(np.min(moving_variance)),
         "moving_variance_max": float(np.max(moving_variance)),
     }
-    # TODO(#6): r and d per ghost group; a ghost renorm layer has none here.
-    if getattr(layer, "renorm", False) and not getattr(
-        layer, "virtual_batch_size", None
-    ):
+    if _is_ghost_renorm(layer):
+        # Ghost batches: one r and d per (group, channel), from the
+        # group's moments; the summaries and clipped fractions run over
+        # all of them.
+        renorm, arrays = _renorm(
+            layer, values["group_mean"].numpy(), values["group_std"].numpy()
+        )
+    elif getattr(layer, "renorm", False):
         renorm, arrays = _renorm(
             layer, per_unit["input_mean"], per_unit["input_std"]
         )
-        entry.update(renorm)
-        per_unit.update(arrays)
+    else:
+        return entry
+    entry.update(renorm)
+    per_unit.update(arrays)
     return entry
 
 
@@ -221,9 +267,10 @@ def layer_statistics(model, x, previous=None, layers=None):
     `renorm_mean`, `renorm_stddev` and clipping:
     `r = clip(s_B / max(s_r, sqrt(eps)), rmin, rmax)`,
     `d = clip((mu_B - mu_r) / max(s_r, sqrt(eps)), -dmax, dmax)`, and the
-    fraction of units where either is clipped. Dropout layers add the
-    realized rate: the fraction of non-zero inputs set to zero. Masks are
-    not applied, and ghost-batch renorm layers get no `r` and `d`.
+    fraction of units where either is clipped; with ghost batches
+    (`virtual_batch_size`) from each ghost group's moments, one `r` and `d`
+    per group and unit. Dropout layers add the realized rate: the fraction
+    of non-zero inputs set to zero. Masks are not applied.
 
     Args:
         model: A built Keras model.
@@ -243,7 +290,8 @@ def layer_statistics(model, x, previous=None, layers=None):
         `"r_min"`, `"r_max"`, the same for `d`, `"r_clipped"`,
         `"d_clipped"` and `"clipped"` for renorm layers; `"drop_rate"` and
         the configured `"rate"` for dropout layers; and `"per_unit"`, a
-        dict of float64 numpy arrays (the per-unit moments, and `r`, `d`).
+        dict of float64 numpy arrays (the per-unit moments, and `r`, `d`:
+        per unit, or (groups, units) for ghost renorm layers).
 
     Raises:
         ValueError: for an unbuilt model or unknown `layers`.
@@ -287,7 +335,7 @@ def layer_statistics(model, x, previous=None, layers=None):
             if drift is not None:
                 entry[f"{key}_drift"] = drift
         if entry["kind"] == "batch_norm":
-            entry.update(_bn_entry(layer, per_unit))
+            entry.update(_bn_entry(layer, per_unit, values))
         elif entry["kind"] == "dropout":
             entry["drop_rate"] = float(values["drop_rate"].numpy())
             entry["rate"] = float(np.asarray(layer.rate))
