@@ -190,3 +190,32 @@ def test_landscape_of_a_quadratic_has_its_exact_smoothness():
         model, x, t, step_sizes=[0.01, 0.1], loss=_mse
     )
     np.testing.assert_allclose(probe["beta_ratios"], [expected] * 2, 1e-10)
+
+
+def test_probes_follow_a_layer_frozen_between_calls():
+    # Fine-tuning freezes layers between fits: the probes' cached graphs
+    # took the old variables by position and indexed past the new list.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(4, name="d1"),
+            tfnorm.BatchNormalization(name="bn"),
+            keras.layers.Dense(1, name="d2"),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 4)).astype("float32")
+    y = np.ones((8, 1), "float32")
+    before = diagnostics.loss_landscape(model, x, y, step_sizes=[0.1])
+    diagnostics.internal_covariate_shift(model, x, y)
+
+    model.get_layer("d1").trainable = False
+    landscape = diagnostics.loss_landscape(model, x, y, step_sizes=[0.1])
+    shift = diagnostics.internal_covariate_shift(model, x, y)
+    # d1 no longer moves: the loss at the same weights is the same, its
+    # gradient and step are smaller, and d1 has no ICS entry.
+    np.testing.assert_allclose(landscape["loss"], before["loss"], rtol=1e-6)
+    assert landscape["grad_norm"] < before["grad_norm"]
+    assert sorted(shift) == ["d2"]

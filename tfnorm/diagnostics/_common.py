@@ -135,13 +135,21 @@ def cached(model, key, make):
 
     `key` holds everything the traced graph depends on beyond its tensor
     arguments; it is compared with `==` and the loss object by identity,
-    so a stale entry is never reused for another loss.
+    so a stale entry is never reused for another loss. The model's
+    variable layout is part of the key too: the traced functions take the
+    variables' values by position, so freezing or unfreezing a layer
+    between probes (fine-tuning) must trace anew.
     """
     cache = getattr(model, _CACHE_ATTR, None)
     if cache is None:
         cache = {}
         object.__setattr__(model, _CACHE_ATTR, cache)
     kind, loss, static = key
+    static = (
+        static,
+        tuple(id(v) for v in model.trainable_variables),
+        tuple(id(v) for v in model.non_trainable_variables),
+    )
     entry = cache.get(kind)
     if entry is not None and entry[0] is loss and entry[1] == static:
         return entry[2]
