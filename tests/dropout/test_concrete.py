@@ -75,6 +75,23 @@ def test_saturated_rate_keeps_loss_and_output_finite(logit):
     assert np.all(np.isfinite(y.numpy()))
 
 
+@pytest.mark.parametrize("logit", [-120.0, 20.0])
+def test_saturated_rate_saves_and_loads(tmp_path, logit):
+    # get_config reported sigmoid(logit), exactly 0 or 1 in float32, as
+    # `initial_rate`, which __init__ rejects: the file saved, then failed
+    # to load.
+    inputs = keras.Input((3,))
+    layer = ConcreteDropout(keras.layers.Dense(2), seed=0, name="concrete")
+    model = keras.Model(inputs, layer(inputs))
+    layer.rate_logit.assign(logit)
+    rate = layer.get_config()["initial_rate"]
+    assert 0.0 < rate < 1.0 and np.float32(rate) < 1.0, rate
+    path = tmp_path / "concrete.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path).get_layer("concrete")
+    assert float(loaded.rate_logit.numpy()) == logit
+
+
 def test_tiny_initial_rate_gives_a_finite_loss():
     layer = ConcreteDropout(keras.layers.Dense(2), initial_rate=1e-50)
     layer(np.ones((4, 3), "float32"), training=True)

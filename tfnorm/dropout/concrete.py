@@ -180,6 +180,19 @@ class ConcreteDropout(KernelWrapper):
             rate = math.exp(logit) / (1.0 + math.exp(logit))
         return float32_repr(rate)
 
+    def _config_rate(self):
+        """The current rate, kept inside the open range `__init__` accepts.
+
+        A learned logit past about 17 (or below about -104) reads as a
+        rate of exactly 1 (or 0) in float32, which `__init__` rejects: the
+        config would save but not load. The nearest float32 inside (0, 1)
+        stands in; loading restores the exact `rate_logit` weight anyway.
+        """
+        rate = np.float32(self.rate)
+        rate = min(rate, np.nextafter(np.float32(1), np.float32(0)))
+        rate = max(rate, np.nextafter(np.float32(0), np.float32(1)))
+        return float32_repr(rate)
+
     def _regularizer(self, logit):
         kernel = ops.convert_to_tensor(self._kernel().value)
         kernel = ops.cast(kernel, "float32")
@@ -226,7 +239,7 @@ class ConcreteDropout(KernelWrapper):
             {
                 "weight_regularizer": self.weight_regularizer,
                 "dropout_regularizer": self.dropout_regularizer,
-                "initial_rate": self.rate,
+                "initial_rate": self._config_rate(),
                 "temperature": self.temperature,
                 "seed": self.seed,
             }
