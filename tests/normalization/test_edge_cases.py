@@ -143,9 +143,10 @@ def test_fully_masked_batch_leaves_statistics(kwargs):
 def test_non_finite_masked_out_elements_stay_out(kwargs, fill):
     # Padding may hold NaN or inf: the statistics multiplied it by the mask
     # (0 * nan = nan) and turned every output and statistic into NaN.
-    # Keras 3 selects with `where` and is not affected. (Masked-out
-    # elements are still normalized, so their own outputs, and gamma's
-    # gradient through them, stay non-finite, as in Keras.)
+    # Keras 3 selects with `where` and is not affected there; but it still
+    # normalizes the masked-out elements, so the backward pass multiplied
+    # their zero gradient by NaN and poisoned gamma's gradient and every
+    # valid element's. tfnorm zeroes non-finite masked-out elements.
     axis = kwargs.get("axis", -1)
     x = _data((6, 5, 3) if axis == -1 else (6, 3, 5), loc=1.0)
     mask = np.arange(5)[None, :] < np.array([5, 3, 1, 4, 2, 5])[:, None]
@@ -168,6 +169,24 @@ def test_non_finite_masked_out_elements_stay_out(kwargs, fill):
     np.testing.assert_allclose(
         layer.moving_variance.numpy(), state["moving_variance"], atol=1e-6
     )
+
+    # A loss on the kept outputs has the gradients it has with the real
+    # values in the padding: finite, and blind to what the padding holds.
+    def gradients(inputs):
+        fresh = tfnorm.BatchNormalization(**kwargs)
+        inputs = tf.constant(inputs)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            out = fresh(inputs, training=True, mask=mask)
+            loss = tf.reduce_sum(tf.where(kept, out, 0.0) ** 2)
+        grads = tape.gradient(loss, [inputs, *fresh.trainable_variables])
+        return [grads[0].numpy()[kept], *(g.numpy() for g in grads[1:])]
+
+    for got, want in zip(
+        gradients(padded), gradients(x.astype("float32")), strict=True
+    ):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_mask_values_select_rather_than_weigh():

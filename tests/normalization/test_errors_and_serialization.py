@@ -67,22 +67,40 @@ VBS_MESSAGE = (
         (
             {"renorm": True, "renorm_clipping": {"rmax": -np.inf}},
             ValueError,
-            "`renorm_clipping` needs a positive rmax: r = s_B / s_r is "
-            "positive, and clipping it to zero or below would discard the "
-            "input. Received: rmax=-inf",
+            "`renorm_clipping` needs a positive rmax (in float32, where "
+            "the bounds are kept): r = s_B / s_r is positive, and clipping "
+            "it to zero or below would discard the input. Received: rmax=-inf",
         ),
         (
             {"renorm": True, "renorm_clipping": {"rmax": 0}},
             ValueError,
-            "`renorm_clipping` needs a positive rmax: r = s_B / s_r is "
-            "positive, and clipping it to zero or below would discard the "
-            "input. Received: rmax=0.0",
+            "`renorm_clipping` needs a positive rmax (in float32, where "
+            "the bounds are kept): r = s_B / s_r is positive, and clipping "
+            "it to zero or below would discard the input. Received: rmax=0.0",
         ),
         (
             {"renorm": True, "renorm_clipping": {"rmin": np.inf}},
             ValueError,
-            "`renorm_clipping` needs a finite rmin: an infinite lower "
-            "bound makes every output infinite. Received: rmin=inf",
+            "`renorm_clipping` needs a finite rmin (in float32, where the "
+            "bounds are kept): an infinite lower bound makes every output "
+            "infinite. Received: rmin=inf",
+        ),
+        # Finite in float64 but past float32's range, where the bounds are
+        # kept: the outputs were all NaN, or all equal to gamma * d + beta.
+        (
+            {"renorm": True, "renorm_clipping": {"rmin": 1e39}},
+            ValueError,
+            "`renorm_clipping` needs a finite rmin (in float32, where the "
+            "bounds are kept): an infinite lower bound makes every output "
+            "infinite. Received: rmin=1e+39",
+        ),
+        (
+            {"renorm": True, "renorm_clipping": {"rmax": 1e-46}},
+            ValueError,
+            "`renorm_clipping` needs a positive rmax (in float32, where "
+            "the bounds are kept): r = s_B / s_r is positive, and clipping "
+            "it to zero or below would discard the input. "
+            "Received: rmax=1e-46",
         ),
         (
             {"renorm_clipping": {"rmax": 3}},
@@ -333,16 +351,18 @@ def test_numpy_scalars_are_accepted_like_keras():
 
 def test_nan_clipping_bound_is_rejected():
     message = (
-        "`renorm_clipping['rmax']` must be a number or None. "
+        "`renorm_clipping['rmax']` must not be NaN; use None for no bound. "
         "Received: renorm_clipping={'rmax': nan}"
     )
-    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         tfnorm.BatchNormalization(
             renorm=True, renorm_clipping={"rmax": float("nan")}
         )
     layer = tfnorm.BatchNormalization(renorm=True)
-    with pytest.raises(TypeError, match="must be a number or None"):
+    with pytest.raises(ValueError, match="must not be NaN"):
         layer.set_renorm_clipping(dmax=float("nan"))
+    with pytest.raises(TypeError, match="must be a number or None"):
+        layer.set_renorm_clipping(dmax="5")
 
 
 def test_infinite_upper_bounds_mean_no_clipping():

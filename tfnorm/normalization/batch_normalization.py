@@ -78,10 +78,15 @@ def _check_clipping(renorm, renorm_clipping):
     for key, value in renorm_clipping.items():
         if value is None:
             continue
-        if not _is_real(value) or math.isnan(value):
+        if not _is_real(value):
             raise TypeError(
                 f"`renorm_clipping['{key}']` must be a number or None. "
                 f"Received: renorm_clipping={renorm_clipping!r}"
+            )
+        if math.isnan(value):
+            raise ValueError(
+                f"`renorm_clipping['{key}']` must not be NaN; use None for "
+                f"no bound. Received: renorm_clipping={renorm_clipping!r}"
             )
         if key != "rmin" and value == math.inf:
             # An infinite upper bound is no bound; keep configs finite.
@@ -89,16 +94,23 @@ def _check_clipping(renorm, renorm_clipping):
             continue
         clipping[key] = float(value)
     rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
-    if rmax is not None and not rmax > 0:
+    # The bounds live in float32 variables: a positive rmax below float32's
+    # range becomes 0 there, and an rmin past it becomes inf.
+    with np.errstate(over="ignore"):
+        rmax32 = None if rmax is None else np.float32(rmax)
+        rmin32 = None if rmin is None else np.float32(rmin)
+    if rmax32 is not None and not rmax32 > 0:
         raise ValueError(
-            "`renorm_clipping` needs a positive rmax: r = s_B / s_r is "
-            "positive, and clipping it to zero or below would discard the "
-            f"input. Received: rmax={rmax}"
+            "`renorm_clipping` needs a positive rmax (in float32, where "
+            "the bounds are kept): r = s_B / s_r is positive, and clipping "
+            "it to zero or below would discard the input. "
+            f"Received: rmax={rmax}"
         )
-    if rmin == math.inf:
+    if rmin32 is not None and rmin32 == np.inf:
         raise ValueError(
-            "`renorm_clipping` needs a finite rmin: an infinite lower "
-            f"bound makes every output infinite. Received: rmin={rmin}"
+            "`renorm_clipping` needs a finite rmin (in float32, where the "
+            "bounds are kept): an infinite lower bound makes every output "
+            f"infinite. Received: rmin={rmin}"
         )
     if rmin is not None and rmax is not None and rmin > rmax:
         raise ValueError(
@@ -185,7 +197,8 @@ class BatchNormalization(keras.layers.Layer):
     and what a saved model reloads.
 
     **Masks**: masked-out elements do not enter the statistics, even when
-    they hold NaN or inf (they are still normalized). Any non-zero mask
+    they hold NaN or inf (they are still normalized, non-finite ones as
+    zeros, so that they cannot poison the gradients). Any non-zero mask
     entry selects its element; values are not weights. Works for any
     `axis`: the mask has the input's shape without the channel axis. A
     batch whose elements are all masked, and an empty batch, are normalized
@@ -514,6 +527,7 @@ class BatchNormalization(keras.layers.Layer):
     def call(self, inputs, training=None, mask=None):
         if mask is not None:
             self._check_mask(inputs, mask)
+            inputs = self._finite_where_masked_out(inputs, mask)
         if training is None or not self.trainable:
             training = False
         if isinstance(training, bool):
@@ -528,6 +542,23 @@ class BatchNormalization(keras.layers.Layer):
             lambda: self._train(inputs, mask),
             lambda: self._infer(inputs),
         )
+
+    def _finite_where_masked_out(self, inputs, mask):
+        """`inputs` with non-finite masked-out elements set to zero.
+
+        The statistics skip masked-out elements, but each output element
+        is still normalized, and the backward pass multiplies the zero
+        gradient at a masked-out NaN or inf by that value (the gradients of
+        gamma and of the statistics): NaN padding would poison the
+        gradients of every valid element. Finite masked-out elements are
+        left alone, so outputs match Keras's wherever Keras's are finite.
+        """
+        x = tf.convert_to_tensor(inputs)
+        if not x.dtype.is_floating:
+            return inputs
+        selected = tf.expand_dims(tf.cast(mask, tf.bool), self._axis)
+        keep = tf.logical_or(selected, tf.math.is_finite(x))
+        return tf.where(keep, x, tf.zeros_like(x))
 
     def _check_mask(self, inputs, mask):
         rank = len(inputs.shape)
