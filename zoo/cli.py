@@ -330,7 +330,7 @@ def main(argv=None):
             exp_dirs = report.experiment_dirs(args.dirs)
             for exp_dir in exp_dirs:
                 _print_report(console, exp_dir)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError) as error:
             parser.error(str(error))
         if len(exp_dirs) > 1:
             parent = Path(os.path.commonpath([d.resolve() for d in exp_dirs]))

@@ -66,10 +66,29 @@ class Row:
         return f"{len(self.diverged_at)}/{self.runs} (at step {steps})"
 
 
+def finished_results(path):
+    """The result.json of every finished run in the folder `path`.
+
+    A run is finished once its folder has its final name: a `.partial`
+    folder is a run still being written, or one cut off while it was
+    renamed, and holds a result.json already.
+    """
+    return sorted(
+        result
+        for result in Path(path).glob("*/seed_*/result.json")
+        if not result.parent.name.endswith(".partial")
+    )
+
+
 def load_runs(exp_dir):
-    """Every finished run under `exp_dir`, in a stable order."""
+    """Every finished run under `exp_dir`, in a stable order.
+
+    Raises:
+        ValueError: when the runs belong to several experiments, whose
+            arms, rates and steps one report cannot line up.
+    """
     runs = []
-    for result_file in sorted(Path(exp_dir).glob("*/seed_*/result.json")):
+    for result_file in finished_results(exp_dir):
         run_dir = result_file.parent
         curve = []
         with open(run_dir / "metrics.jsonl") as lines:
@@ -83,6 +102,18 @@ def load_runs(exp_dir):
                 result=json.loads(result_file.read_text()),
                 val_curve=curve,
             )
+        )
+    names = sorted(
+        {
+            run.config["name"] + (" (smoke)" if run.config.get("smoke") else "")
+            for run in runs
+        }
+    )
+    if len(names) > 1:
+        raise ValueError(
+            f"{exp_dir} holds runs of several experiments ({', '.join(names)})"
+            ", and a report covers one: move each experiment's runs into a "
+            "folder of its own."
         )
     return runs
 
@@ -385,12 +416,10 @@ def experiment_dirs(paths):
     """
     found = []
     for path in map(Path, paths):
-        if any(path.glob("*/seed_*/result.json")):
+        if finished_results(path):
             found.append(path)
             continue
-        inner = sorted(
-            p for p in path.glob("*") if any(p.glob("*/seed_*/result.json"))
-        )
+        inner = sorted(p for p in path.glob("*") if finished_results(p))
         if not inner:
             raise FileNotFoundError(
                 f"No finished runs in {path}: expected folders "

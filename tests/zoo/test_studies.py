@@ -94,7 +94,7 @@ def test_rerunning_a_finished_study_trains_nothing(reproduced, capsys):
     argv = ["run", "santurkar-landscape", "--smoke", "--logdir", str(logdir)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "2 of 2 runs were already finished." in out
+    assert "4 of 4 runs were already finished." in out
     assert "Verdict: inconclusive" in out
 
 

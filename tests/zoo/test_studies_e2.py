@@ -1,7 +1,7 @@
 """E2's deep linear arm: its grid, a smoke run, and its verdict logic."""
 
-import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -35,24 +35,18 @@ def test_grid_adds_the_deep_linear_arm_to_the_mlp_arms():
         assert run_experiment.activation == "linear"
         assert run_experiment.learning_rate == arm.learning_rate
         assert run_experiment.steps == experiment.steps
-    # The smoke grid keeps to the MLP runs; the arm has its own smoke.
+    # The smoke grid has both: the two MLP runs and a small deep linear
+    # net at the first rate.
     smoke = experiment.shrink()
-    assert len(santurkar.grid(smoke)) == 2
-    assert [arm.label for _, arm, _ in santurkar.deep_linear_grid(smoke)] == [
+    assert [arm.label for _, arm, _ in santurkar.grid(smoke)] == [
+        "none",
+        "bn_before",
         "dln_none_lr0.001",
         "dln_bn_before_lr0.001",
     ]
 
 
-def test_deep_linear_smoke_records_ics_and_reports_its_check(
-    tmp_path, monkeypatch
-):
-    study = studies.STUDIES[NAME]
-    with_deep = dataclasses.replace(
-        study,
-        grid=lambda e: santurkar.grid(e) + santurkar.deep_linear_grid(e),
-    )
-    monkeypatch.setitem(studies.STUDIES, NAME, with_deep)
+def test_deep_linear_smoke_records_ics_and_reports_its_check(tmp_path):
     experiment = experiments.get(NAME).shrink()
     exp_dir, trained, _ = studies.run_grid(experiment, tmp_path)
     assert trained == 4
@@ -90,6 +84,15 @@ def test_deep_linear_smoke_records_ics_and_reports_its_check(
     assert "### Deep linear net (4 layers of 8, no activation)" in text
     assert "| ICS, relative, LR 0.001 |" in text
     assert (exp_dir / "deep_linear_ics.png").stat().st_size > 0
+
+    # A folder of the deep linear arm alone still gets its report.
+    for arm in ("none", "bn_before"):
+        shutil.rmtree(exp_dir / arm)
+    alone = studies.write_report(exp_dir)
+    assert [c["criterion"] for c in alone["checks"]] == [
+        c["criterion"] for c in deep
+    ]
+    assert alone["headline"].startswith("deep linear net: relative ICS")
 
 
 def _seeds(relative):

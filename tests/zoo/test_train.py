@@ -145,3 +145,34 @@ def test_describe_runs_names_each_network_with_its_own_rates():
         "hidden layers of 64 units (linear), SGD at learning rates 0.001, "
         "0.01, batch 128, 600 steps."
     )
+
+
+def test_report_skips_partial_run_folders_and_refuses_mixed_ones(
+    tmp_path, tiny
+):
+    import shutil
+
+    experiment = tiny.replace(variants=("none",))
+    exp_dir, _, _ = train.run_grid(experiment, tmp_path, console=_quiet())
+    assert len(report.load_runs(exp_dir)) == 1
+    # A run cut off while its folder was renamed: result.json is written
+    # inside the .partial folder first. It is not a finished run.
+    shutil.copytree(
+        exp_dir / "none" / "seed_0", exp_dir / "none" / "seed_1.partial"
+    )
+    runs = report.load_runs(exp_dir)
+    assert [run.result["seed"] for run in runs] == [0]
+
+    # Runs of another experiment copied in: one report cannot line them up.
+    other = tmp_path / "other"
+    other_dir, _, _ = train.run_grid(
+        experiment.replace(name="other"), other, console=_quiet()
+    )
+    shutil.copytree(other_dir / "none", exp_dir / "other_arm")
+    with pytest.raises(ValueError) as info:
+        report.load_runs(exp_dir)
+    assert str(info.value) == (
+        f"{exp_dir} holds runs of several experiments (basics (smoke), "
+        "other (smoke)), and a report covers one: move each experiment's "
+        "runs into a folder of its own."
+    )

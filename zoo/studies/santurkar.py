@@ -275,7 +275,7 @@ studies.register(
 
 @experiments.register
 def santurkar_landscape():
-    """ICS and the loss landscape with vs without BN: 6x256 MLP, SGD 0.1.
+    """ICS and landscape with vs without BN: 6x256 MLP; 25-layer linear net.
 
     Paper: Santurkar et al. 2018, https://arxiv.org/abs/1805.11604 (Figs
     3-4: BN does not reduce internal covariate shift, yet it makes the
@@ -378,19 +378,15 @@ def deep_linear_grid(experiment):
 def grid(experiment):
     """The MLP arms of `experiment`, then the deep linear arm.
 
-    A smoke run keeps to the two MLP runs, so that `reproduce --smoke`
-    (run in CI) takes no longer than before; `deep_linear_grid` of a
-    smoke experiment gives the arm's smoke runs, which
-    tests/zoo/test_studies_e2.py trains.
+    A smoke run has both too (the deep linear arm's two runs of a 4-layer
+    net take seconds), so that `--smoke` checks every code path.
     """
     runs = [
         (experiment, arm, seed)
         for seed in range(experiment.seeds)
         for arm in experiment.arms()
     ]
-    if not experiment.smoke:
-        runs += deep_linear_grid(experiment)
-    return runs
+    return runs + deep_linear_grid(experiment)
 
 
 def _is_deep_linear(run):
@@ -556,6 +552,16 @@ MEASURE_TEXT = {
 def _evaluate_landscape(exp_dir, runs):
     mlp_runs = [run for run in runs if not _is_deep_linear(run)]
     deep_runs = [run for run in runs if _is_deep_linear(run)]
+    if not mlp_runs:
+        # A folder of the deep linear arm alone (`--variants` cannot make
+        # one, but a copy or a cut-off grid can).
+        deep = _evaluate_deep_linear(exp_dir, deep_runs)
+        return studies.Evaluation(
+            checks=deep["checks"],
+            headline=f"deep linear net: {deep['headline']}",
+            markdown="\n".join(["## Measured", "", *deep["markdown"]]),
+            plots=(("deep_linear_ics.png", deep["caption"]),),
+        )
     steps = mlp_runs[0].config["steps"]
     measures = {}
     lines_of = {}
