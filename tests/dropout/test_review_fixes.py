@@ -6,6 +6,7 @@ import re
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tfnorm
 
@@ -79,3 +80,47 @@ def test_numpy_integer_block_size_is_accepted():
     layer = tfnorm.DropBlock2D(0.1, block_size=np.int64(3))
     assert layer.get_config()["block_size"] == 3
     assert type(layer.get_config()["block_size"]) is int
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: tfnorm.DropBlock2D(0.3, 3, seed=0), (4, 8, 8, 3)),
+        (lambda: tfnorm.DropPath(0.5, seed=0), (4, 8, 8, 3)),
+        (lambda: tfnorm.Uout(0.3, seed=0), (4, 8, 8, 3)),
+        (
+            lambda: tfnorm.DropConnect(keras.layers.Dense(4), 0.5, seed=0),
+            (4, 12),
+        ),
+        (
+            lambda: tfnorm.ConcreteDropout(keras.layers.Dense(4), seed=0),
+            (4, 12),
+        ),
+    ],
+    ids=["dropblock", "droppath", "uout", "dropconnect", "concrete"],
+)
+def test_training_as_a_tensor_acts_like_the_bool(make, shape):
+    # `if not training` raised OperatorNotAllowedInGraphError for a
+    # tensor inside tf.function; BN accepts one, so the dropout layers do.
+    x = np.random.default_rng(0).normal(size=shape).astype("float32")
+    by_tensor, by_bool = make(), make()
+    # Inference draws nothing: both build, with the same wrapped weights.
+    by_tensor(x, training=False)
+    by_bool(x, training=False)
+    by_bool.set_weights(by_tensor.get_weights())
+
+    @tf.function
+    def with_tensor(a, training):
+        return by_tensor(a, training=training)
+
+    @tf.function
+    def with_bool(a):
+        return by_bool(a, training=True)
+
+    trained = with_tensor(x, tf.constant(True)).numpy()
+    np.testing.assert_array_equal(trained, with_bool(x).numpy())
+    inferred = with_tensor(x, tf.constant(False)).numpy()
+    np.testing.assert_array_equal(
+        inferred, by_tensor(x, training=False).numpy()
+    )
+    assert not np.array_equal(trained, inferred)

@@ -61,6 +61,20 @@ def float32_repr(value):
     return float(str(np.float32(value)))
 
 
+def call_with_tensor_training(call, inputs, training):
+    """`call(inputs, training=...)` for a boolean tensor `training`.
+
+    Keras passes Python booleans; a tensor (as tf-keras code and BN accept)
+    cannot steer a Python `if`, so both modes go into a cond, decided
+    statically when the tensor is a constant.
+    """
+    return tf.__internal__.smart_cond.smart_cond(
+        tf.cast(training, tf.bool),
+        lambda: call(inputs, training=True),
+        lambda: call(inputs, training=False),
+    )
+
+
 class RateVariableMixin:
     """Gives a layer a schedulable `rate` and a seeded random source.
 
@@ -185,6 +199,8 @@ class DropoutLayer(RateVariableMixin, keras.layers.Layer):
         self.supports_masking = True
 
     def call(self, inputs, training=False):
+        if tf.is_tensor(training):
+            return call_with_tensor_training(self.call, inputs, training)
         if not training:
             return inputs
         dtype = keras.backend.standardize_dtype(inputs.dtype)

@@ -4,9 +4,11 @@ import math
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from tfnorm.dropout.base import KernelWrapper
+from tfnorm.dropout.base import call_with_tensor_training
 from tfnorm.dropout.base import float32_repr
 
 # Keeps log(u) and log(1 - u) finite for uniforms at the ends of [0, 1).
@@ -88,7 +90,8 @@ class ConcreteDropout(KernelWrapper):
 
     Call arguments:
         inputs: the wrapped layer's input.
-        training: Python bool, whether to drop. Defaults to `False`.
+        training: Python bool or boolean tensor, whether to drop.
+            Defaults to `False`.
 
     Output shape: that of the wrapped layer.
 
@@ -216,8 +219,16 @@ class ConcreteDropout(KernelWrapper):
 
     def call(self, inputs, training=False):
         logit = ops.convert_to_tensor(self.rate_logit.value)
-        rate = ops.sigmoid(logit)
+        # Outside any cond on `training`: a loss made inside a branch would
+        # be a tensor of that branch's graph.
         self.add_loss(self._regularizer(logit))
+        if tf.is_tensor(training):
+            return call_with_tensor_training(self._forward, inputs, training)
+        return self._forward(inputs, training)
+
+    def _forward(self, inputs, training):
+        logit = ops.convert_to_tensor(self.rate_logit.value)
+        rate = ops.sigmoid(logit)
         # `training` is not passed on: a kernel layer does not use it, and
         # an explicit value would leak into later sibling layers (Keras 3.15).
         if not training:

@@ -269,7 +269,8 @@ class DropBlock2D(_DropBlock):
 
     Call arguments:
         inputs: 4D tensor. The spatial dimensions may be unknown until call.
-        training: Python bool, whether to drop. Defaults to `False`.
+        training: Python bool or boolean tensor, whether to drop.
+            Defaults to `False`.
 
     Input shape and output shape are the same.
 
@@ -314,7 +315,8 @@ class DropBlock1D(_DropBlock):
 
     Call arguments:
         inputs: 3D tensor. The steps dimension may be unknown until call.
-        training: Python bool, whether to drop. Defaults to `False`.
+        training: Python bool or boolean tensor, whether to drop.
+            Defaults to `False`.
 
     Input shape and output shape are the same.
 

@@ -1,9 +1,11 @@
 """DropConnect: dropout of the weights of a wrapped layer."""
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from tfnorm.dropout.base import KernelWrapper
+from tfnorm.dropout.base import call_with_tensor_training
 
 
 @keras.saving.register_keras_serializable(package="tfnorm")
@@ -48,7 +50,8 @@ class DropConnect(KernelWrapper):
 
     Call arguments:
         inputs: the wrapped layer's input.
-        training: Python bool, whether to drop weights. Defaults to `False`.
+        training: Python bool or boolean tensor, whether to drop weights.
+            Defaults to `False`.
 
     Output shape: that of the wrapped layer.
 
@@ -71,6 +74,8 @@ class DropConnect(KernelWrapper):
         self._check_kernel_if_built()
 
     def call(self, inputs, training=False):
+        if tf.is_tensor(training):
+            return call_with_tensor_training(self.call, inputs, training)
         # `training` is not passed on: a kernel layer does not use it, and
         # an explicit value would leak into later sibling layers (Keras 3.15).
         if not training:

@@ -37,7 +37,8 @@ class DropPath(DropoutLayer):
 
     Call arguments:
         inputs: tensor of any rank >= 1; axis 0 is the batch.
-        training: Python bool, whether to drop. Defaults to `False`.
+        training: Python bool or boolean tensor, whether to drop.
+            Defaults to `False`.
 
     Input shape and output shape are the same.
 

@@ -35,7 +35,8 @@ class Uout(DropoutLayer):
 
     Call arguments:
         inputs: tensor of any shape.
-        training: Python bool, whether to add noise. Defaults to `False`.
+        training: Python bool or boolean tensor, whether to add noise.
+            Defaults to `False`.
 
     Input shape and output shape are the same.
 
