@@ -324,10 +324,15 @@ def _schedule(experiment, learning_rate):
 
 
 def _weights_checksum(model):
-    """Sum of |w| over the trainable weights: equal on agreeing workers."""
-    return float(
+    """Sum of |w| over the weights: equal on agreeing workers.
+
+    None for a diverged run's non-finite weights: NaN is not JSON, and
+    strict parsers reject result.json files that hold it.
+    """
+    total = float(
         sum(np.abs(keras.ops.convert_to_numpy(w)).sum() for w in model.weights)
     )
+    return total if np.isfinite(total) else None
 
 
 def _state_variables(model):

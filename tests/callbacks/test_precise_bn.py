@@ -1,5 +1,7 @@
 """precise_bn and the PreciseBN callback against numpy float64 oracles."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -365,3 +367,22 @@ def test_an_iterator_keeps_the_batches_not_used():
     batches = iter([np.full((4, 3), i, "float32") for i in range(6)])
     assert tfnorm.precise_bn(model, batches, num_batches=2) == 2
     assert len(list(batches)) == 4
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_an_unbatched_array_is_rejected_with_the_fix(as_tensor):
+    # An array iterates over its rows; the failure came from deep inside
+    # Keras, about shapes.
+    model = keras.Sequential([keras.Input((3,)), tfnorm.BatchNormalization()])
+    x = np.ones((64, 3), "float32")
+    data = tf.constant(x) if as_tensor else x
+    message = (
+        "`dataset` must yield batches (a tf.data.Dataset or an iterable of "
+        "batches); an array iterates over single examples. Batch it first, "
+        "e.g. tf.data.Dataset.from_tensor_slices(x).batch(128). "
+        "Received: an array of shape (64, 3)"
+    )
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+        tfnorm.precise_bn(model, data)
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+        PreciseBN(data)

@@ -57,6 +57,17 @@ def test_period_must_be_a_positive_integer(bad):
         _raises(message, callback, (X, Y), period=bad)
 
 
+def test_period_may_be_a_numpy_integer():
+    # NumPy scalars are accepted as Keras accepts them.
+    for callback in (
+        diagnostics.InternalCovariateShiftCallback,
+        diagnostics.LossLandscapeCallback,
+        diagnostics.LayerStatisticsCallback,
+    ):
+        probe = callback((X, Y), period=np.int64(5))
+        assert probe.period == 5 and type(probe.period) is int
+
+
 def test_model_without_kernel_layers():
     model = keras.Sequential(
         [keras.Input((3,)), tfnorm.BatchNormalization()], name="bn_only"

@@ -152,16 +152,22 @@ def test_bad_initial_rate_is_rejected(initial_rate):
         ConcreteDropout(keras.layers.Dense(2), initial_rate=initial_rate)
 
 
-def test_bad_temperature_is_rejected():
-    message = "`temperature` must be a positive number. Received: temperature=0"
-    with pytest.raises(ValueError, match=re.escape(message)):
-        ConcreteDropout(keras.layers.Dense(2), temperature=0)
-
-
-def test_negative_regularizer_is_rejected():
+@pytest.mark.parametrize("temperature", [0, -1.0, float("inf")])
+def test_bad_temperature_is_rejected(temperature):
     message = (
-        "`weight_regularizer` must be a non-negative number. "
-        "Received: weight_regularizer=-1.0"
+        "`temperature` must be a finite positive number. "
+        f"Received: temperature={temperature!r}"
     )
-    with pytest.raises(ValueError, match=re.escape(message)):
-        ConcreteDropout(keras.layers.Dense(2), weight_regularizer=-1.0)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ConcreteDropout(keras.layers.Dense(2), temperature=temperature)
+
+
+@pytest.mark.parametrize("name", ["weight_regularizer", "dropout_regularizer"])
+@pytest.mark.parametrize("value", [-1.0, float("inf"), float("nan")])
+def test_bad_regularizer_is_rejected(name, value):
+    message = (
+        f"`{name}` must be a finite non-negative number. "
+        f"Received: {name}={value!r}"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ConcreteDropout(keras.layers.Dense(2), **{name: value})

@@ -87,6 +87,14 @@ def test_a_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, tiny):
         json.loads((exp_dir / "none" / f"seed_{s}" / "result.json").read_text())
         for s in (0, 1)
     ]
+
+    def strict(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    for s in (0, 1):
+        # Strict parsers (JavaScript's JSON.parse, jq --strict) reject NaN.
+        text = (exp_dir / "none" / f"seed_{s}" / "result.json").read_text()
+        json.loads(text, parse_constant=strict)
     for result in results:
         assert result["status"] == "diverged"
         assert 1 <= result["diverged_at"] < 30

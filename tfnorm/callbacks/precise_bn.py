@@ -105,6 +105,18 @@ def _recording_call(layer, original_call, moments):
     return call
 
 
+def _check_not_an_array(dataset):
+    # An array iterates over its rows: single examples, not batches, which
+    # failed deep inside Keras with a shape error.
+    if isinstance(dataset, np.ndarray) or tf.is_tensor(dataset):
+        raise TypeError(
+            "`dataset` must yield batches (a tf.data.Dataset or an iterable "
+            "of batches); an array iterates over single examples. Batch it "
+            "first, e.g. tf.data.Dataset.from_tensor_slices(x).batch(128). "
+            f"Received: an array of shape {tuple(dataset.shape)}"
+        )
+
+
 def _iterate(dataset, num_batches):
     # islice stops before drawing batch num_batches + 1, so an iterator
     # passed in keeps everything that was not used.
@@ -205,6 +217,7 @@ def precise_bn(model, dataset, num_batches=200):
     True
     """
     num_batches = _checks.positive_int(num_batches, "num_batches")
+    _check_not_an_array(dataset)
     layers = bn_layers(model)
     moments = {id(layer): _PooledMoments() for layer in layers}
     # Every non-trainable variable of the BN layers, to undo the moving
@@ -292,6 +305,7 @@ class PreciseBN(keras.callbacks.Callback):
     def __init__(self, dataset, num_batches=200):
         super().__init__()
         num_batches = _checks.positive_int(num_batches, "num_batches")
+        _check_not_an_array(dataset)
         if iter(dataset) is dataset:
             # A generator or iterator is used up by the first epoch, and
             # the second would fail only after a whole epoch of training.

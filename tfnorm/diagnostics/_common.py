@@ -57,12 +57,16 @@ def check_built(model):
 
 
 def check_period(period):
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+    if (
+        isinstance(period, bool)
+        or not isinstance(period, (int, np.integer))
+        or period < 1
+    ):
         raise ValueError(
             "Argument `period` must be a positive integer number of "
             f"training steps. Received: period={period!r}"
         )
-    return period
+    return int(period)
 
 
 def check_positive(name, value):

@@ -26,10 +26,10 @@ def _check_nonnegative(value, name):
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float, np.floating, np.integer))
-        or not value >= 0
+        or not 0 <= value < np.inf
     ):
         raise ValueError(
-            f"`{name}` must be a non-negative number. "
+            f"`{name}` must be a finite non-negative number. "
             f"Received: {name}={value!r}"
         )
     return float(value)
@@ -151,10 +151,11 @@ class ConcreteDropout(KernelWrapper):
             or not isinstance(
                 temperature, (int, float, np.floating, np.integer)
             )
-            or not temperature > 0
+            # An infinite temperature flattens every mask to 1 / 2.
+            or not 0 < temperature < np.inf
         ):
             raise ValueError(
-                "`temperature` must be a positive number. "
+                "`temperature` must be a finite positive number. "
                 f"Received: temperature={temperature!r}"
             )
         self.temperature = float(temperature)

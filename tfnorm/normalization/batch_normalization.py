@@ -369,7 +369,8 @@ class BatchNormalization(keras.layers.Layer):
         if self.virtual_batch_size is not None and axis == 0:
             raise ValueError(
                 "Ghost batches split the batch axis, so the channel axis "
-                "cannot be 0. Received: axis=0 with "
+                f"cannot be 0. Received: axis={self.axis} (axis 0 of an "
+                f"input of rank {rank}) with "
                 f"virtual_batch_size={self.virtual_batch_size}"
             )
         channels = input_shape[axis]
