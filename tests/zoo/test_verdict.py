@@ -1,5 +1,6 @@
 """Verdict logic on fabricated per-seed tables: pass, fail, unclear."""
 
+import numpy as np
 import pytest
 
 from zoo import verdict
@@ -209,17 +210,25 @@ def test_dropout_shift_ratio_of_fabricated_layers():
     rows = [
         {
             "test_variance": 1.0,
-            "moving_variance": 1.5,
+            "train_variance": 1.5,
+            "moving_variance": 1.4,
             "predicted_variance": 1.5,
         },
         {
             "test_variance": 2.0,
-            "moving_variance": 3.0,
+            "train_variance": 3.0,
+            "moving_variance": 2.8,
             "predicted_variance": 4.0,
         },
     ]
     # Shifts 0.5 / 0.5 and 0.5 / 1.0.
     assert dropout_shift.shift_ratio(rows) == pytest.approx(0.75)
+    assert dropout_shift.shift(rows) == pytest.approx(0.5)
+    assert dropout_shift.shift(rows, "moving_variance") == pytest.approx(0.4)
+    # A record from before the training variance was measured.
+    old = [{k: v for k, v in r.items() if k != "train_variance"} for r in rows]
+    assert np.isnan(dropout_shift.shift_ratio(old))
+    assert np.isnan(dropout_shift.shift(old))
 
 
 def _gaps(gap, early, late):
