@@ -35,6 +35,20 @@ def test_digits_are_the_real_packaged_images_split_4000_1000():
     assert split.input_shape == (784,)
 
 
+def test_a_split_is_loaded_once_and_cannot_be_changed():
+    split = data.load("digits")
+    # The call forms of the trainer, the studies and the notebooks.
+    assert data.load("digits", None) is split
+    assert data.load("digits", data_dir="elsewhere") is split
+    for array in (split.x_train, split.y_train, split.x_val, split.y_val):
+        with pytest.raises(ValueError, match="read-only"):
+            array[0] = 0
+    # digits32 starts from the same parsed CSV, which is shared too.
+    assert not data.load("digits32").x_train.flags.writeable
+    x, _ = data._digits_arrays()
+    assert data._digits_arrays()[0] is x and not x.flags.writeable
+
+
 def test_pipelines_batch_evenly_and_repeat():
     split = data.load("digits")
     train, val = data.pipelines(split, batch_size=64, seed=0)
