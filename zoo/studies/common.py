@@ -107,3 +107,16 @@ def band(ax, steps, curves, label, color=None):
             steps, mean - std, mean + std, color=line.get_color(), alpha=0.2
         )
     return line
+
+
+def shared_band(ax, series, label, color=None):
+    """`band` over the steps that every seed's series has.
+
+    `series` holds one `{step: value}` dict per seed. Seeds share the
+    probe schedule, but a diverged run stops early or drops non-finite
+    values, so only the common steps compare. Nothing is drawn where
+    there are none.
+    """
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    if steps:
+        band(ax, steps, [[s[t] for t in steps] for s in series], label, color)

@@ -291,16 +291,13 @@ def evaluate_ghost(accuracy, fits, small, large):
     checks = [
         verdict.not_less(
             f"ghost BN at least as accurate as BN at batch {LARGE}, as many "
-            "steps as the small batch",
-            accuracy[large["ghost"]],
-            accuracy[large["bn"]],
-        ),
-        verdict.not_less(
-            f"ghost BN at least as accurate as BN at batch {LARGE}, as many "
-            "epochs as the small batch",
-            accuracy[large["ghost_short"]],
-            accuracy[large["bn_short"]],
-        ),
+            f"{length} as the small batch",
+            accuracy[large[f"ghost{suffix}"]],
+            accuracy[large[f"bn{suffix}"]],
+        )
+        for length, suffix in (("steps", ""), ("epochs", "_short"))
+    ]
+    checks += [
         verdict.greater(
             f"training longer helps at batch {LARGE}: ghost BN with as "
             "many steps as the small batch beats it with as many epochs",
@@ -457,8 +454,7 @@ def _plot(exp_dir, curves, accuracy, configs):
         group = [c for c in group if c]
         if not group:
             continue
-        steps = sorted(set.intersection(*(set(c) for c in group)))
-        common.band(ax, steps, [[c[t] for t in steps] for c in group], label)
+        common.shared_band(ax, group, label)
     ax.set_xscale("log")
     ax.set_xlabel("training step (log scale)")
     ax.set_ylabel("||w_t - w_0||")

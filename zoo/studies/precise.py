@@ -301,10 +301,7 @@ def _plot(exp_dir, curves):
         for (rate, batch), group in sorted(curves.items()):
             if rate != lr:
                 continue
-            steps = sorted(set.intersection(*(set(c) for c in group)))
-            if steps:
-                values = [[c[s] for s in steps] for c in group]
-                common.band(ax, steps, values, f"batch {batch}")
+            common.shared_band(ax, group, f"batch {batch}")
         ax.axhline(0.0, color="grey", lw=1)
         ax.set_title(f"LR {lr:g}", fontsize="medium")
         ax.set_xlabel("training step")

@@ -240,11 +240,7 @@ def _plot_drift(exp_dir, runs):
         key = (run.config["variant"], run.config["learning_rate"])
         curves.setdefault(key, []).append(_drift_curve(exp_dir, run))
     for (variant, lr), group in sorted(curves.items(), key=lambda i: i[0][1]):
-        steps = sorted(set.intersection(*(set(c) for c in group)))
-        if not steps:
-            continue
-        values = [[c[s] for s in steps] for c in group]
-        common.band(ax, steps, values, f"{variant}, LR {lr:g}")
+        common.shared_band(ax, group, f"{variant}, LR {lr:g}")
     ax.set_xlabel("training step")
     ax.set_ylabel("layer-input drift (RMS change)")
     ax.set_yscale("log")
@@ -713,23 +709,12 @@ def _plot_deep_linear(exp_dir, runs, lines_of, rates, depth):
             ]
             if not group:
                 continue
-            series = []
-            for lines in group:
-                tags = _ics_tags(lines, "/relative")
-                series.append(
-                    _series(
-                        lines, lambda line, t=tags: common.mean_of([line], t)
-                    )
-                )
-            steps = sorted(set.intersection(*(set(s) for s in series)))
-            if steps:
-                common.band(
-                    over_steps,
-                    steps,
-                    [[s[t] for t in steps] for s in series],
-                    variant,
-                    colors[variant],
-                )
+            common.shared_band(
+                over_steps,
+                [_ics_series(lines, "/relative") for lines in group],
+                variant,
+                colors[variant],
+            )
             tags = sorted(
                 set.intersection(
                     *(set(_ics_tags(lines, "/relative")) for lines in group)
@@ -773,6 +758,12 @@ def _series(lines, tags_or_fn):
     return out
 
 
+def _ics_series(lines, key):
+    """`{step: ICS mean over the layers}` of one run's `key` tags."""
+    tags = _ics_tags(lines, key)
+    return _series(lines, lambda line: common.mean_of([line], tags))
+
+
 def _plot_landscape(exp_dir, runs, lines_of):
     plt = common.pyplot()
 
@@ -808,15 +799,7 @@ def _plot_landscape(exp_dir, runs, lines_of):
         betas = [
             _series(lines, get("landscape/beta_smoothness")) for lines in group
         ]
-        steps = sorted(set.intersection(*(set(s) for s in betas)))
-        if steps:
-            common.band(
-                axes[2],
-                steps,
-                [[s[t] for t in steps] for s in betas],
-                variant,
-                colors[variant],
-            )
+        common.shared_band(axes[2], betas, variant, colors[variant])
     axes[2].set_title("effective beta-smoothness", fontsize="medium")
     for ax in axes:
         ax.set_xlabel("training step")
@@ -830,23 +813,12 @@ def _plot_landscape(exp_dir, runs, lines_of):
             lines_of[id(r)] for r in runs if r.config["variant"] == variant
         ]
         for ax, key in zip(axes, ("/relative", "/cosine"), strict=True):
-            series = []
-            for lines in group:
-                tags = _ics_tags(lines, key)
-                series.append(
-                    _series(
-                        lines, lambda line, t=tags: common.mean_of([line], t)
-                    )
-                )
-            steps = sorted(set.intersection(*(set(s) for s in series)))
-            if steps:
-                common.band(
-                    ax,
-                    steps,
-                    [[s[t] for t in steps] for s in series],
-                    variant,
-                    colors[variant],
-                )
+            common.shared_band(
+                ax,
+                [_ics_series(lines, key) for lines in group],
+                variant,
+                colors[variant],
+            )
     axes[0].set_title("ICS: ||G - G'|| / ||G||", fontsize="medium")
     axes[1].set_title("ICS: cosine of G and G'", fontsize="medium")
     for ax in axes:
