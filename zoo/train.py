@@ -737,6 +737,13 @@ def grid(experiment):
     ]
 
 
+def outcome_text(result):
+    """How a finished run ended, in a few words for the progress lines."""
+    if result["status"] == "diverged":
+        return f"diverged at step {result['diverged_at']}"
+    return f"val accuracy {result['final_val_accuracy']:.3f}"
+
+
 def experiment_dir(experiment, logdir, strategy=None):
     """Where this process writes the experiment's run folders.
 
@@ -851,16 +858,12 @@ def run_grid(
                 data_dir=data_dir,
             )
             progress.advance(overall)
-            if result["status"] == "diverged":
-                outcome = f"diverged at step {result['diverged_at']}"
-            else:
-                outcome = f"val accuracy {result['final_val_accuracy']:.3f}"
             resumed = (
                 ", resumed from its checkpoint" if result["resumed"] else ""
             )
             console.print(
-                f"run {index}/{len(runs)} {arm.label} seed {seed}: {outcome} "
-                f"({result['wall_s']:.1f} s{resumed})"
+                f"run {index}/{len(runs)} {arm.label} seed {seed}: "
+                f"{outcome_text(result)} ({result['wall_s']:.1f} s{resumed})"
             )
             if after_run is not None:
                 after_run(result)

@@ -146,13 +146,9 @@ def run_grid(
             callbacks=callbacks,
         )
         trained += 1
-        if result["status"] == "diverged":
-            outcome = f"diverged at step {result['diverged_at']}"
-        else:
-            outcome = f"val accuracy {result['final_val_accuracy']:.3f}"
         console.print(
-            f"run {index}/{len(runs)} {arm.label} seed {seed}: {outcome} "
-            f"({result['wall_s']:.1f} s)"
+            f"run {index}/{len(runs)} {arm.label} seed {seed}: "
+            f"{train.outcome_text(result)} ({result['wall_s']:.1f} s)"
         )
         if after_run is not None:
             after_run(result)
