@@ -95,14 +95,7 @@ def preactivations(probe, x):
 
 
 def train_and_watch(variant, seed=0):
-    keras.utils.set_random_seed(seed)
-    model = models.build_mlp(
-        digits.input_shape,
-        digits.num_classes,
-        variant=variant,
-        hidden_units=HIDDEN,
-    )
-    models.compile_sgd(model, LEARNING_RATE)
+    model = models.sgd_mlp(digits, variant, LEARNING_RATE, HIDDEN, seed=seed)
     probe = models.preactivation_model(model)
     order = np.random.default_rng(seed).permutation(len(digits.x_train))
     log = {"step": [], "percentiles": [], "drift": [], "ics": []}

@@ -22,7 +22,6 @@
 # %%
 import time
 
-import keras
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -39,15 +38,7 @@ VARIANTS = ("none", "bn_before")
 
 
 def build(variant, learning_rate, seed=0):
-    keras.utils.set_random_seed(seed)
-    model = models.build_mlp(
-        digits.input_shape,
-        digits.num_classes,
-        variant=variant,
-        hidden_units=HIDDEN,
-    )
-    models.compile_sgd(model, learning_rate)
-    return model
+    return models.sgd_mlp(digits, variant, learning_rate, HIDDEN, seed=seed)
 
 
 def batches(seed=0):

@@ -38,15 +38,13 @@ HIDDEN = (128,) * 3
 
 
 def build(variant="bn_before", virtual_batch_size=16, learning_rate=0.1):
-    model = models.build_mlp(
-        digits.input_shape,
-        digits.num_classes,
-        variant=variant,
-        hidden_units=HIDDEN,
+    return models.sgd_mlp(
+        digits,
+        variant,
+        learning_rate,
+        HIDDEN,
         virtual_batch_size=virtual_batch_size,
     )
-    models.compile_sgd(model, learning_rate)
-    return model
 
 
 def training_mode_probabilities(model):

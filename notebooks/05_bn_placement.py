@@ -39,15 +39,7 @@ PLACEMENTS = ("bn_before", "bn_after")
 
 
 def build(variant, seed):
-    keras.utils.set_random_seed(seed)
-    model = models.build_mlp(
-        digits.input_shape,
-        digits.num_classes,
-        variant=variant,
-        hidden_units=HIDDEN,
-    )
-    models.compile_sgd(model, 0.5)
-    return model
+    return models.sgd_mlp(digits, variant, 0.5, HIDDEN, seed=seed)
 
 
 # %% [markdown]

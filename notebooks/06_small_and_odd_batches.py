@@ -39,15 +39,7 @@ SEEDS = (0, 1)
 
 
 def build(variant, learning_rate, seed):
-    keras.utils.set_random_seed(seed)
-    model = models.build_mlp(
-        digits.input_shape,
-        digits.num_classes,
-        variant=variant,
-        hidden_units=HIDDEN,
-    )
-    models.compile_sgd(model, learning_rate)
-    return model
+    return models.sgd_mlp(digits, variant, learning_rate, HIDDEN, seed=seed)
 
 
 def val_accuracy(model):

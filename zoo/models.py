@@ -494,6 +494,34 @@ def build_mlp(
     return keras.Model(inputs, outputs, name=f"mlp_{variant}")
 
 
+def sgd_mlp(data, variant, learning_rate, hidden_units, seed=None, **options):
+    """`build_mlp` sized for `data`, compiled by `compile_sgd`.
+
+    The small networks of the notebooks, built in one call.
+
+    Args:
+        data: Anything with `input_shape` and `num_classes`, such as a
+            `zoo.data.Split`.
+        variant: A name in `VARIANTS`.
+        learning_rate: Plain SGD's learning rate.
+        hidden_units: Width of each hidden layer.
+        seed: Seeds Python's, NumPy's and Keras's generators before the
+            weights are drawn, so the run repeats; None leaves them as
+            they are.
+        **options: Passed to `build_mlp` (`virtual_batch_size`, ...).
+    """
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    model = build_mlp(
+        data.input_shape,
+        data.num_classes,
+        variant,
+        hidden_units,
+        **options,
+    )
+    return compile_sgd(model, learning_rate)
+
+
 def _as_map(inputs, rank):
     """Reshapes flat or channel-less inputs into `rank`-D feature maps."""
     shape = tuple(inputs.shape[1:])
