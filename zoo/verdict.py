@@ -172,6 +172,40 @@ def times(criterion, a, b, factor, digits=3):
     return Check(criterion, measured, UNCLEAR)
 
 
+def at_every(criterion, checks):
+    """Folds one check per checkpoint into one, for "at every checkpoint".
+
+    Args:
+        criterion: What is claimed, in words, for the report.
+        checks: `(label, Check)` pairs, one per checkpoint in order (the
+            label, such as "step 300", names it in the report).
+
+    Passes when every checkpoint passes, fails when any fails, and is
+    unclear otherwise (also with no checkpoint at all). The measured
+    text counts the outcomes and quotes the first failing (else the
+    first unclear) checkpoint.
+    """
+    checks = list(checks)
+    outcomes = [check.outcome for _, check in checks]
+    counts = ", ".join(
+        f"{outcomes.count(o)} {o}" for o in (PASS, UNCLEAR, FAIL)
+    )
+    measured = f"{len(checks)} checkpoints: {counts}"
+    for wanted in (FAIL, UNCLEAR):
+        first = [(label, c) for label, c in checks if c.outcome == wanted]
+        if first:
+            label, check = first[0]
+            measured += f"; first {wanted} at {label}: {check.measured}"
+            break
+    if checks and all(o == PASS for o in outcomes):
+        outcome = PASS
+    elif FAIL in outcomes:
+        outcome = FAIL
+    else:
+        outcome = UNCLEAR
+    return Check(criterion, measured, outcome)
+
+
 def verdict(checks):
     """The experiment's verdict from its checks' outcomes.
 

@@ -27,6 +27,43 @@ def test_greater(a, b, outcome):
     assert verdict.greater("a > b", a, b).outcome == outcome
 
 
+def _check(outcome):
+    return verdict.Check("", f"measured {outcome}", outcome)
+
+
+@pytest.mark.parametrize(
+    "outcomes, outcome, quoted",
+    [
+        ([verdict.PASS] * 3, verdict.PASS, None),
+        # One checkpoint inside the spread keeps "every" from holding.
+        (
+            [verdict.PASS, verdict.UNCLEAR, verdict.PASS],
+            verdict.UNCLEAR,
+            "first unclear at step 2: measured unclear",
+        ),
+        # A failing checkpoint decides, and is the one quoted.
+        (
+            [verdict.UNCLEAR, verdict.PASS, verdict.FAIL],
+            verdict.FAIL,
+            "first fail at step 3: measured fail",
+        ),
+        ([], verdict.UNCLEAR, None),
+    ],
+)
+def test_at_every_folds_the_checkpoints(outcomes, outcome, quoted):
+    checks = [(f"step {i + 1}", _check(o)) for i, o in enumerate(outcomes)]
+    folded = verdict.at_every("claim", checks)
+    assert folded.outcome == outcome
+    counts = ", ".join(
+        f"{outcomes.count(o)} {o}"
+        for o in (verdict.PASS, verdict.UNCLEAR, verdict.FAIL)
+    )
+    expected = f"{len(outcomes)} checkpoints: {counts}"
+    if quoted is not None:
+        expected += f"; {quoted}"
+    assert folded.measured == expected
+
+
 def test_greater_with_margin_needs_the_margin_beyond_the_spread():
     a, b = [0.50, 0.51, 0.52], [0.40, 0.41, 0.42]
     assert verdict.greater("", a, b, margin=0.05).outcome == verdict.PASS
@@ -239,6 +276,21 @@ def _gaps(gap, early, late):
     ]
 
 
+def _points(table, behind_at=None):
+    # Per seed, {step: (EMA, PreciseBN)} at three checkpoints with the
+    # run's mean gap; `behind_at` puts PreciseBN far behind there.
+    points = {}
+    for key, seeds in table.items():
+        points[key] = [
+            {
+                step: (0.9, 0.9 + gap - (0.3 if step == behind_at else 0.0))
+                for step in (25, 50, 75)
+            }
+            for gap, *_ in seeds
+        ]
+    return points
+
+
 @pytest.mark.parametrize(
     "small_high_lr, expected",
     [
@@ -254,14 +306,30 @@ def test_precise_bn_verdicts(small_high_lr, expected):
         (0.5, 2): small_high_lr,
         (0.5, 128): _gaps(0.02, 0.04, 0.0),
     }
-    checks = precise.evaluate_precise(table)
+    checks = precise.evaluate_precise(table, _points(table))
     assert len(checks) == 7
     assert verdict.verdict(checks) == expected
 
 
+def test_precise_bn_behind_at_one_checkpoint_is_not_reproduced():
+    # Ahead on average, but clearly behind at step 50 in every arm:
+    # "at least as accurate at every checkpoint" fails.
+    table = {
+        (0.05, 2): _gaps(0.05, 0.08, 0.01),
+        (0.05, 128): _gaps(0.01, 0.02, 0.0),
+        (0.5, 2): _gaps(0.2, 0.3, 0.05),
+        (0.5, 128): _gaps(0.02, 0.04, 0.0),
+    }
+    ahead = precise.evaluate_precise(table, _points(table))
+    assert verdict.verdict(ahead) == verdict.REPRODUCED
+    behind = precise.evaluate_precise(table, _points(table, behind_at=50))
+    assert verdict.verdict(behind) == verdict.NOT_REPRODUCED
+    assert "first fail at step 50" in behind[0].measured
+
+
 def test_precise_bn_smoke_sized_tables_decide_nothing():
     table = {key: _gaps(0.1, 0.2, 0.0)[:1] for key in [(0.05, 2), (0.5, 128)]}
-    checks = precise.evaluate_precise(table)
+    checks = precise.evaluate_precise(table, _points(table))
     assert {c.outcome for c in checks} == {verdict.UNCLEAR}
 
 
@@ -278,12 +346,49 @@ def test_precise_bn_smoke_sized_tables_decide_nothing():
 def test_ioffe_mnist_verdicts(bn_accuracy, none_drift, expected):
     accuracy, drift = {}, {}
     for lr in (0.1, 0.5):
-        accuracy[("bn_before", lr)] = _seeds(bn_accuracy)
-        accuracy[("none", lr)] = _seeds(0.8)
+        accuracy[("bn_before", lr)] = _curves(bn_accuracy)
+        accuracy[("none", lr)] = _curves(0.8)
         drift[("bn_before", lr)] = _seeds(0.1)
         drift[("none", lr)] = _seeds(none_drift)
     checks = ioffe.evaluate_ioffe(accuracy, drift, [0.1, 0.5])
     assert verdict.verdict(checks) == expected
+
+
+def _curves(accuracy, steps=(100, 200, 300), at=None):
+    # One {step: accuracy} per seed; `at` overrides some checkpoints.
+    return [
+        {s: (at or {}).get(s, accuracy) + d for s in steps}
+        for d in (-0.01, 0.0, 0.01)
+    ]
+
+
+def test_ioffe_mnist_needs_bn_ahead_at_every_checkpoint():
+    drift = {("bn_before", 0.1): _seeds(0.1), ("none", 0.1): _seeds(0.5)}
+    # Far ahead on average, level with no BN at the first checkpoint.
+    accuracy = {
+        ("bn_before", 0.1): _curves(0.9, at={100: 0.8}),
+        ("none", 0.1): _curves(0.8),
+    }
+    level = ioffe.evaluate_ioffe(accuracy, drift, [0.1])
+    assert level[0].outcome == verdict.UNCLEAR
+    assert "first unclear at step 100" in level[0].measured
+    assert verdict.verdict(level) == verdict.INCONCLUSIVE
+    # Behind no BN there beyond the spread.
+    accuracy[("bn_before", 0.1)] = _curves(0.9, at={100: 0.5})
+    behind = ioffe.evaluate_ioffe(accuracy, drift, [0.1])
+    assert verdict.verdict(behind) == verdict.NOT_REPRODUCED
+
+
+def test_ioffe_checkpoint_accuracy_counts_a_diverged_run_at_chance():
+    class Run:
+        config = {"eval_every": 100, "steps": 300}
+        val_curve = [(100, 0.5), (200, 0.7), (300, 0.8)]
+        result = {"status": "completed"}
+
+    assert ioffe.checkpoint_accuracy(Run) == {100: 0.5, 200: 0.7, 300: 0.8}
+    Run.result = {"status": "diverged", "diverged_at": 150}
+    Run.val_curve = [(100, 0.5)]
+    assert ioffe.checkpoint_accuracy(Run) == {100: 0.5, 200: 0.1, 300: 0.1}
 
 
 def test_ioffe_band_drift_is_the_std_of_each_percentile():

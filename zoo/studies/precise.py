@@ -178,12 +178,25 @@ def run_gaps(lines, steps):
     )
 
 
-def evaluate_precise(table):
-    """E6's checks from `{(lr, batch): [run_gaps(...) per seed]}`."""
-    checks = []
+def checkpoint_accuracies(lines):
+    """`{step: (EMA accuracy, PreciseBN accuracy)}` of one run's probes."""
+    return {
+        line["step"]: (line["precise_bn/ema"], line["precise_bn/precise"])
+        for line in lines
+        if line.get("precise_bn/ema") is not None
+        and line.get("precise_bn/precise") is not None
+    }
 
-    def column(keys, index):
-        return common.finite([g[index] for k in keys for g in table[k]])
+
+def evaluate_precise(table, points):
+    """E6's checks.
+
+    Args:
+        table: `{(lr, batch): [run_gaps(...) per seed]}`.
+        points: `{(lr, batch): [checkpoint_accuracies(...) per seed]}`;
+            the checkpoints that every seed of an arm has are compared.
+    """
+    checks = []
 
     def by_seed(keys, index):
         # One value per seed, averaged over the arms: the seeds are the
@@ -196,12 +209,24 @@ def evaluate_precise(table):
 
     for key in sorted(table):
         lr, batch = key
+        seeds = points[key]
+        steps = sorted(set.intersection(*(set(p) for p in seeds)))
+        per_step = [
+            (
+                f"step {step}",
+                verdict.not_less(
+                    "",
+                    [p[step][1] for p in seeds],
+                    [p[step][0] for p in seeds],
+                ),
+            )
+            for step in steps
+        ]
         checks.append(
-            verdict.not_less(
-                f"PreciseBN at least as accurate as the EMA at LR {lr:g}, "
-                f"batch {batch} (mean over checkpoints)",
-                column([key], 4),
-                column([key], 3),
+            verdict.at_every(
+                f"PreciseBN at least as accurate as the EMA at every "
+                f"checkpoint at LR {lr:g}, batch {batch}",
+                per_step,
             )
         )
     keys = sorted(table)
@@ -232,21 +257,17 @@ def evaluate_precise(table):
 
 
 def _evaluate(exp_dir, runs):
-    table, curves = {}, {}
+    table, points = {}, {}
     for run in sorted(runs, key=lambda r: r.result["seed"]):
         key = (run.config["learning_rate"], run.config["batch_size"])
         lines = recorder.load(studies.run_dir(exp_dir, run))
         table.setdefault(key, []).append(run_gaps(lines, run.config["steps"]))
-        curves.setdefault(key, []).append(
-            {
-                line["step"]: line["precise_bn/precise"]
-                - line["precise_bn/ema"]
-                for line in lines
-                if line.get("precise_bn/ema") is not None
-                and line.get("precise_bn/precise") is not None
-            }
-        )
-    checks = evaluate_precise(table)
+        points.setdefault(key, []).append(checkpoint_accuracies(lines))
+    checks = evaluate_precise(table, points)
+    curves = {
+        key: [{step: p - e for step, (e, p) in run.items()} for run in arm]
+        for key, arm in points.items()
+    }
     lines = [
         "| LR | batch | EMA accuracy | PreciseBN accuracy | gap | early gap |",
         "|---|---|---|---|---|---|",
