@@ -88,15 +88,21 @@ def _trainable(model):
 @pytest.mark.parametrize(
     "name, expected, paper",
     [
-        # He et al. (2016), Table 6: 0.27M and 0.85M parameters.
+        # He et al. (2016), Table 6: 0.27M, 0.46M, 0.66M, 0.85M, 1.7M.
         ("resnet20", 269_722, 0.27e6),
+        ("resnet32", 464_154, 0.46e6),
+        ("resnet44", 658_586, 0.66e6),
         ("resnet56", 853_018, 0.85e6),
+        ("resnet110", 1_727_962, 1.7e6),
+        # Pre-activation reorders BN and ReLU: the same weights.
+        ("preresnet110", 1_727_962, 1.7e6),
     ],
 )
 def test_cifar_resnet_parameter_counts_match_the_paper(name, expected, paper):
     model = models.build(name, (32, 32, 3), 10, "bn_before")
     assert _trainable(model) == expected
-    assert abs(expected - paper) / paper < 0.01
+    # The paper gives two significant digits: within half of the second.
+    assert abs(expected - paper) <= 0.5 * 10 ** (int(np.log10(paper)) - 1)
 
 
 def test_option_b_shortcuts_add_projections_and_vgg16_has_its_size():
@@ -107,6 +113,20 @@ def test_option_b_shortcuts_add_projections_and_vgg16_has_its_size():
     vgg = models.build("vgg16", (32, 32, 3), 10, "none")
     # 13 convolutions and one linear classifier on 512 features.
     assert _trainable(vgg) == 14_719_818
+
+
+def test_resnet110_stochastic_depth_follows_the_linear_rule():
+    # Huang et al. (2016): block l of L drops its branch at l / L * 0.5.
+    model = models.build(
+        "resnet110", (32, 32, 3), 10, "stochastic_depth", dropout_rate=0.5
+    )
+    rates = [
+        layer.rate
+        for layer in model._flatten_layers()
+        if isinstance(layer, tfnorm.DropPath)
+    ]
+    assert len(rates) == 54
+    np.testing.assert_allclose(rates, np.arange(1, 55) / 54 * 0.5, rtol=1e-6)
 
 
 MODELS = {
