@@ -80,6 +80,65 @@ def test_tfds_sets_load_through_the_registry(monkeypatch):
     assert split.x_train.dtype == np.uint8 and split.scale == 255.0
 
 
+@pytest.mark.parametrize(
+    "name, shape, classes",
+    [
+        ("mnist", (28, 28, 1), 10),
+        ("fashion_mnist", (28, 28, 1), 10),
+        ("cifar10", (32, 32, 3), 10),
+        ("cifar100", (32, 32, 3), 100),
+    ],
+)
+def test_every_tfds_set_of_the_zoo_loads_by_its_public_name(
+    monkeypatch, name, shape, classes
+):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "_unreachable_reason", lambda: None)
+    try:
+        with tfds.testing.mock_data(
+            num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE
+        ):
+            split = data.load(f"tfds:{name}")
+        assert split.input_shape == shape
+        assert split.num_classes == classes
+        assert len(split.x_train) == len(split.x_val) == 20
+        assert split.y_train.max() < classes
+    finally:
+        # Mock data must not stay in the per-process cache.
+        data._load_cached.cache_clear()
+
+
+def test_mock_cifar10_trains_through_the_zoo(monkeypatch, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from zoo import experiments
+    from zoo import train
+
+    monkeypatch.setattr(data, "_unreachable_reason", lambda: None)
+    # The full config's dataset with the smoke network, for 2 steps.
+    experiment = (
+        experiments.get("resnet20-cifar10")
+        .shrink()
+        .replace(
+            dataset=experiments.get("resnet20-cifar10").dataset,
+            steps=2,
+            eval_every=2,
+            log_every=1,
+            val_batch_size=32,
+        )
+    )
+    assert experiment.dataset == "tfds:cifar10"
+    try:
+        with tfds.testing.mock_data(
+            num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE
+        ):
+            result = train.train_run(experiment, "bn_before", 0, tmp_path)
+    finally:
+        data._load_cached.cache_clear()
+    assert result["status"] == "completed"
+    assert result["steps_run"] == 2
+    assert 0.0 <= result["final_val_accuracy"] <= 1.0
+
+
 def test_mock_cifar10_through_the_real_pipeline(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     monkeypatch.setattr(data, "_unreachable_reason", lambda: None)
