@@ -19,6 +19,9 @@ from pathlib import Path
 REPORT_FILE = "report.md"
 PLOT_FILE = "val_accuracy.png"
 SUMMARY_FILE = "summary.md"
+# The folder (a TensorBoard run of its own) that shows the report's PNG
+# plots in the IMAGES tab.
+IMAGES_DIR = "report_images"
 
 
 @dataclasses.dataclass
@@ -350,6 +353,34 @@ def describe(config, learning_rates):
     return text
 
 
+def write_plot_images(exp_dir, files):
+    """Puts the report's PNG plots into TensorBoard's IMAGES tab.
+
+    Each file becomes the image `report/<file stem>` of the run
+    `report_images` inside `exp_dir`. The folder is written anew and
+    swapped in whole, so rebuilding a report leaves one copy of each
+    plot, not a growing history.
+
+    Args:
+        exp_dir: The experiment folder.
+        files: PNG file names, relative to `exp_dir`.
+    """
+    import tensorflow as tf
+
+    exp_dir = Path(exp_dir)
+    partial = exp_dir / (IMAGES_DIR + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    writer = tf.summary.create_file_writer(str(partial))
+    with writer.as_default():
+        for file in files:
+            image = tf.io.decode_png((exp_dir / file).read_bytes(), channels=4)
+            tf.summary.image(f"report/{Path(file).stem}", image[None], step=0)
+    writer.close()
+    target = exp_dir / IMAGES_DIR
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+
+
 def write_report(exp_dir):
     """Writes `report.md` and the plot into `exp_dir`.
 
@@ -369,6 +400,7 @@ def write_report(exp_dir):
         )
     rows = summarize(runs)
     plot(runs, rows, exp_dir / PLOT_FILE)
+    write_plot_images(exp_dir, [PLOT_FILE])
 
     config = runs[0].config
     seeds = sorted({run.result["seed"] for run in runs})
@@ -392,7 +424,8 @@ def write_report(exp_dir):
         "",
         f"![validation accuracy per variant]({PLOT_FILE})",
         "",
-        "Curves, pre-activation histograms and the HPARAMS comparison:",
+        "Curves, pre-activation histograms, the HPARAMS comparison and "
+        "this report's plots (IMAGES tab):",
         "",
         "```",
         tensorboard_command(exp_dir),

@@ -119,3 +119,46 @@ def test_default_writer_and_a_dataset_of_batches(tmp_path):
     # The second probe drew the dataset's second batch.
     first, second = (result["d1"]["l2"] for _, result in ics.history)
     assert first != second
+
+
+def test_layer_statistics_log_renorm_r_and_d_as_histograms(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(6, name="d0"),
+            tfnorm.BatchRenormalization(name="renorm"),
+            keras.layers.Dense(2, name="d1"),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((48, 4)).astype("float32")
+    y = rng.standard_normal((48, 2)).astype("float32")
+    stats = diagnostics.LayerStatisticsCallback(
+        x[:16], period=3, log_dir=tmp_path
+    )
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[stats])
+
+    histograms = {}
+    for path in glob.glob(os.path.join(tmp_path, "events.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "histograms":
+                    buckets = tf.make_ndarray(value.tensor)
+                    histograms.setdefault(value.tag, []).append(
+                        (event.step, buckets)
+                    )
+    for key in ("r", "d", "input_mean", "output_std"):
+        tag = f"diagnostics/layers/renorm/per_unit/{key}"
+        assert [step for step, _ in histograms[tag]] == [3, 6], tag
+    # Six units: six values in the buckets of r, between the extremes of
+    # the probe's own r.
+    (_, buckets) = histograms["diagnostics/layers/renorm/per_unit/r"][-1]
+    r = stats.history[-1][1]["renorm"]["per_unit"]["r"]
+    assert buckets[:, 2].sum() == r.size == 6
+    np.testing.assert_allclose(
+        [buckets[:, 0].min(), buckets[:, 1].max()],
+        [r.min(), r.max()],
+        rtol=1e-6,
+    )

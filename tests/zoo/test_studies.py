@@ -47,6 +47,28 @@ def test_reproduce_smoke_writes_the_summary_page(reproduced):
             assert f"({name}_smoke/{plot})" in page
 
 
+def test_each_study_plot_is_an_image_in_tensorboard(reproduced):
+    logdir, _ = reproduced
+    for name in studies.names():
+        exp_dir = logdir / f"{name}_smoke"
+        record = json.loads((exp_dir / studies.VERDICT_FILE).read_text())
+        acc = event_accumulator.EventAccumulator(
+            str(exp_dir / "report_images"),
+            size_guidance={event_accumulator.TENSORS: 0},
+        )
+        acc.Reload()
+        expected = {
+            f"report/{plot.removesuffix('.png')}" for plot in record["plots"]
+        }
+        assert set(acc.Tags()["tensors"]) == expected, name
+        # The PNG itself, as TensorBoard's image plugin stores it: width,
+        # height and the encoded file.
+        event = acc.Tensors(f"report/{record['plots'][0][:-4]}")[0]
+        width, height, png = event.tensor_proto.string_val
+        assert png.startswith(b"\x89PNG") and int(width) > 100 < int(height)
+    assert not (logdir / f"{name}_smoke" / "report_images.partial").exists()
+
+
 def test_each_study_report_states_claim_paper_and_verdict(reproduced):
     logdir, _ = reproduced
     for name in studies.names():

@@ -87,26 +87,38 @@ class _ProbeCallback(keras.callbacks.Callback):
         result = self.probe(self._batches.next())
         self.history.append((step, result))
         scalars = list(self.scalars(result))
+        histograms = list(self.histograms(result))
         if self._writer is not None:
             with self._writer.as_default():
-                self._write(scalars, step)
+                self._write(scalars, histograms, step)
             self._writer.flush()
         else:
             # Without a log dir, the default writer the caller set (if any)
             # receives them; with none, tf.summary writes nothing.
-            self._write(scalars, step)
+            self._write(scalars, histograms, step)
 
     @staticmethod
-    def _write(scalars, step):
+    def _write(scalars, histograms, step):
         for tag, value in scalars:
             if value is not None and math.isfinite(value):
                 tf.summary.scalar(tag, value, step=step)
+        for tag, values in histograms:
+            # A probe on diverged weights gives non-finite entries, which
+            # a histogram cannot bin.
+            values = np.asarray(values, np.float64).ravel()
+            values = values[np.isfinite(values)]
+            if values.size:
+                tf.summary.histogram(tag, values, step=step)
 
     def probe(self, data):
         raise NotImplementedError
 
     def scalars(self, result):
         raise NotImplementedError
+
+    def histograms(self, result):
+        """`(tag, values)` pairs to log as histograms; none by default."""
+        return ()
 
 
 class InternalCovariateShiftCallback(_ProbeCallback):
@@ -258,7 +270,10 @@ class LayerStatisticsCallback(_ProbeCallback):
 
     Writes `diagnostics/layers/<layer>/<key>` for every float of the
     result (means, stds, drifts since the previous probe, BN moving
-    statistics, renorm r, d and clipped fractions, dropout rates), and
+    statistics, renorm r, d and clipped fractions, dropout rates) as a
+    scalar, and every per-unit array (the units' input and output means
+    and stds, renorm `r` and `d`) as a histogram over the units under
+    `diagnostics/layers/<layer>/per_unit/<key>`, and
     keeps `(step, result)` pairs in `history`. See
     `tfnorm.diagnostics.layer_statistics`; the probe leaves the training
     state untouched. With a fixed batch the drift measures how the
@@ -312,3 +327,8 @@ class LayerStatisticsCallback(_ProbeCallback):
             for key, value in values.items():
                 if isinstance(value, float):
                     yield f"diagnostics/layers/{name}/{key}", value
+
+    def histograms(self, result):
+        for name, values in result.items():
+            for key, value in values.get("per_unit", {}).items():
+                yield f"diagnostics/layers/{name}/per_unit/{key}", value

@@ -218,9 +218,10 @@ def write_report(exp_dir):
         "",
     ]
     if smoke:
+        seed_text = "one seed" if len(seeds) == 1 else f"{len(seeds)} seeds"
         text += [
-            "This is a smoke run (tiny network, few steps, one seed): it "
-            "shows that the pipeline works, not what the paper claims.",
+            f"This is a smoke run (tiny network, few steps, {seed_text}): "
+            "it shows that the pipeline works, not what the paper claims.",
             "",
         ]
     if evaluation.markdown:
@@ -231,6 +232,8 @@ def write_report(exp_dir):
     partial = exp_dir / (report.REPORT_FILE + ".partial")
     partial.write_text("\n".join(text))
     os.replace(partial, exp_dir / report.REPORT_FILE)
+    plots = [report.PLOT_FILE] + [f for f, _ in evaluation.plots]
+    report.write_plot_images(exp_dir, plots)
 
     record = {
         "name": config["name"],
@@ -244,7 +247,7 @@ def write_report(exp_dir):
         "runs": len(runs),
         "seeds": len(seeds),
         "train_s": round(train_s, 1),
-        "plots": [report.PLOT_FILE] + [f for f, _ in evaluation.plots],
+        "plots": plots,
     }
     partial = exp_dir / (VERDICT_FILE + ".partial")
     partial.write_text(json.dumps(record, indent=2) + "\n")
