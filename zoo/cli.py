@@ -186,8 +186,9 @@ def _parser():
         "reproduce",
         help="run every paper study and write one page of verdicts",
         description=(
-            "Run the CPU default of every paper study (zoo/studies; their "
-            "training summed to 33 min on 2 shared CPU cores), "
+            "Run the CPU default of every paper study (zoo/studies; the "
+            "training times measured in their docstrings add up to about "
+            "47 min on 2 shared CPU cores), "
             "write each one's report with its claim and verdict, and "
             "write reproduction.md into the log directory: each claim, "
             "the paper's number, what was measured, the verdict and the "

@@ -39,15 +39,19 @@ def precise_bn():
     `tfnorm-zoo reproduce` runs it with the other studies.
 
     Measured: 5 min 29 s for the 16 runs on 2 CPU cores shared with
-    other jobs. Verdict: inconclusive. Over 2 seeds, PreciseBN was at
-    least as accurate as the moving averages in all 8 arms (mean gap over
-    the checkpoints +0.018 to +0.046, except batch 2 at LR 0.5, where
-    neither trains: 0.126 vs 0.133), and the gap was larger in the first
-    third of the runs than in the last (0.052 ± 0.017 vs 0.011 ± 0.002).
-    Neither a larger gap at LR 0.5 (0.024 ± 0.008 vs 0.029 ± 0.007 at
-    0.05) nor at batch 2 (0.008 ± 0.021 vs 0.025 ± 0.006 at 128) showed:
-    at batch 2 the networks barely learn in 300 steps (accuracy 0.13-
-    0.20), so there is little for better statistics to recover.
+    other jobs (9 min 55 s on cores shared with three other jobs).
+    Verdict: not reproduced. Over 2 seeds, PreciseBN was at least as
+    accurate as the moving averages at every one of the 12 checkpoints
+    in 7 of the 8 arms (mean gap over the checkpoints +0.011 to
+    +0.041). The exception is batch 2 at LR 0.5, where neither trains
+    (EMA 0.140, PreciseBN 0.116) and PreciseBN is behind beyond the
+    spread at 3 checkpoints (first at step 50: 0.100 ± 0.000 vs 0.120 ±
+    0.004). The gap was larger in the first third of the runs than in
+    the last (0.047 ± 0.009 vs 0.006 ± 0.008), but not larger at LR 0.5
+    (0.017 ± 0.001 vs 0.025 ± 0.004 at 0.05) nor at batch 2 (-0.007 ±
+    0.022 vs 0.024 ± 0.006 at 128): at batch 2 the networks barely learn
+    in 300 steps (accuracy 0.12-0.20), so there is little for better
+    statistics to recover.
 
     The 784-4x256-10 MLP with BN before the ReLU on the MNIST digits,
     plain SGD at 0.05 and 0.5, normalization (and training) batches of
