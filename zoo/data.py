@@ -25,6 +25,9 @@ import dataclasses
 import functools
 import socket
 import sys
+import threading
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import tensorflow as tf
@@ -192,19 +195,83 @@ DOWNLOAD_HOSTS = ("storage.googleapis.com", "www.cs.toronto.edu")
 PROBE_TIMEOUT_S = 3.0
 
 
+def _resolve(host, port, timeout):
+    """`getaddrinfo` bounded by `timeout`: its own call has no time limit.
+
+    A resolver that hangs is left behind in a daemon thread.
+    """
+    found = {}
+
+    def lookup():
+        try:
+            found["addresses"] = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
+        except OSError as error:
+            found["error"] = error
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if "error" in found:
+        raise found["error"]
+    if "addresses" not in found:
+        raise TimeoutError(f"name lookup timed out after {timeout:g} s")
+    return found["addresses"]
+
+
+def _probe_target(host):
+    """`(host, port)` to connect to: the HTTPS proxy if one is set for
+    `host` (tfds downloads through it), else the host on port 443."""
+    proxy = urllib.request.getproxies().get("https")
+    if not proxy or urllib.request.proxy_bypass(host):
+        return host, 443
+    parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"//{proxy}")
+    default = 443 if parts.scheme == "https" else 80
+    return parts.hostname, parts.port or default
+
+
+def _connect(host, port, timeout):
+    family, kind, proto, _, address = _resolve(host, port, timeout)[0]
+    connection = socket.socket(family, kind, proto)
+    connection.settimeout(timeout)
+    try:
+        connection.connect(address)
+    except OSError:
+        connection.close()
+        raise
+    return connection
+
+
+def _tunnel(connection, host):
+    """Asks an HTTP proxy for a tunnel to `host:443`, as a download would;
+    a proxy that answers but refuses the host raises `OSError`."""
+    connection.sendall(
+        f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode()
+    )
+    status = connection.recv(256).split(b"\r\n", 1)[0].decode("latin-1")
+    if status.split(" ")[1:2] != ["200"]:
+        raise OSError(f"the proxy answered {status!r}")
+
+
 def _unreachable_reason(hosts=DOWNLOAD_HOSTS, timeout=PROBE_TIMEOUT_S):
-    """`None` if any host answers on port 443, else why none did.
+    """`None` if any host answers (through the HTTPS proxy, if one is
+    set), else why none did.
 
     tfds retries a failed download with back-off for minutes; this probe
-    answers in seconds.
+    answers within seconds per host, the name lookup included.
     """
     reasons = []
     for host in hosts:
+        target, port = _probe_target(host)
+        via = "" if target == host else f" (via proxy {target}:{port})"
         try:
-            socket.create_connection((host, 443), timeout=timeout).close()
+            with _connect(target, port, timeout) as connection:
+                if via:
+                    _tunnel(connection, host)
             return None
         except OSError as error:
-            reasons.append(f"{host}: {error}")
+            reasons.append(f"{host}{via}: {error}")
     return "; ".join(reasons)
 
 

@@ -1,5 +1,8 @@
 """The dataset registry: real offline data, split the same way everywhere."""
 
+import socket
+import threading
+
 import numpy as np
 import pytest
 
@@ -294,3 +297,73 @@ def test_two_class_batches_need_an_even_batch_that_two_classes_fill():
     )
     with pytest.raises(ValueError, match="Received: batch_size=7, 3"):
         data.two_class_batch(labels, 7, seed=0)
+
+
+class _FakeProxy:
+    """A one-connection HTTP proxy on 127.0.0.1 that answers CONNECT."""
+
+    def __init__(self, status):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.request = b""
+        self.thread = threading.Thread(target=self._serve, args=(status,))
+        self.thread.start()
+
+    def _serve(self, status):
+        self.server.settimeout(10)
+        connection, _ = self.server.accept()
+        with connection:
+            self.request = connection.recv(1024)
+            connection.sendall(f"HTTP/1.1 {status}\r\n\r\n".encode())
+
+    def close(self):
+        self.thread.join(10)
+        self.server.close()
+
+
+@pytest.mark.parametrize(
+    "status, reachable",
+    [("200 Connection established", True), ("403 Forbidden", False)],
+)
+def test_the_download_probe_goes_through_an_https_proxy(
+    monkeypatch, status, reachable
+):
+    proxy = _FakeProxy(status)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    try:
+        # The name need not resolve here: the proxy resolves it.
+        reason = data._unreachable_reason(hosts=("example.invalid",))
+    finally:
+        proxy.close()
+    assert proxy.request.startswith(b"CONNECT example.invalid:443 HTTP/1.1\r\n")
+    if reachable:
+        assert reason is None
+    else:
+        assert reason == (
+            f"example.invalid (via proxy 127.0.0.1:{proxy.port}): the proxy "
+            "answered 'HTTP/1.1 403 Forbidden'"
+        )
+
+
+def test_the_download_probe_bounds_a_hanging_name_lookup(monkeypatch):
+    release = threading.Event()
+
+    def hanging(*args, **kwargs):
+        release.wait(30)
+        raise OSError("released")
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    try:
+        reason = data._unreachable_reason(
+            hosts=("a.invalid", "b.invalid"), timeout=0.1
+        )
+    finally:
+        release.set()
+    assert reason == (
+        "a.invalid: name lookup timed out after 0.1 s; "
+        "b.invalid: name lookup timed out after 0.1 s"
+    )
