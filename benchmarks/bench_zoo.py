@@ -11,12 +11,17 @@ ResNet-20 on 32x32x3 images (the packaged digits padded to CIFAR shape,
   `model.fit` on an in-memory `tf.data` pipeline (shuffle, batch,
   prefetch), no augmentation, no callbacks but the timer;
 - `plain_jit`: the plain script compiled with `jit_compile=True`, which
-  tells XLA's own speed on this machine apart from the zoo's overhead.
+  tells XLA's own speed on this machine apart from the zoo's overhead;
+- `plain_tfnorm`: the plain script with `tfnorm.BatchNormalization` in
+  place of Keras's, so that the zoo's own overhead is measured against a
+  script with the same normalization (the issue's target) and the BN
+  layers' speed is told apart from it.
 
 Variants are interleaved round-robin in one process; each reports the
 median images/s over rounds of `--steps` timed steps after `--warmup`
 untimed ones (which absorb tracing and XLA compilation). Targets (issue
-#5): zoo >= 0.95 x plain, zoo_jit >= 1.2 x plain.
+#5): zoo >= 0.95 x the plain script with the same normalization
+(`plain_tfnorm`), zoo_jit >= 1.2 x the plain script without XLA.
 
     python benchmarks/bench_zoo.py --steps 20 --rounds 2
 
@@ -43,6 +48,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+import tfnorm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,8 +79,8 @@ class Timer(keras.callbacks.Callback):
         return (self.count - self.warmup) * BATCH / (self.end - self.start)
 
 
-def plain_resnet20(num_classes=10):
-    """ResNet-20 (option A shortcuts) with Keras's own BN layers."""
+def plain_resnet20(num_classes=10, bn=keras.layers.BatchNormalization):
+    """ResNet-20 (option A shortcuts) with `bn` layers, Keras's by default."""
     l2 = keras.regularizers.L2(5e-5)
 
     def conv(x, filters, strides=1):
@@ -88,13 +95,13 @@ def plain_resnet20(num_classes=10):
         )(x)
 
     inputs = keras.Input((32, 32, 3))
-    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(conv(inputs, 16)))
+    x = keras.layers.ReLU()(bn()(conv(inputs, 16)))
     for stage, filters in enumerate((16, 32, 64)):
         for block in range(3):
             strides = 2 if stage and not block else 1
             y = conv(x, filters, strides)
-            y = keras.layers.ReLU()(keras.layers.BatchNormalization()(y))
-            y = keras.layers.BatchNormalization()(conv(y, filters))
+            y = keras.layers.ReLU()(bn()(y))
+            y = bn()(conv(y, filters))
             if strides != 1:
                 extra = filters - x.shape[-1]
                 x = keras.layers.Lambda(
@@ -109,10 +116,12 @@ def plain_resnet20(num_classes=10):
     return keras.Model(inputs, outputs)
 
 
-def run_plain(split, steps, warmup, jit=False):
+def run_plain(
+    split, steps, warmup, jit=False, bn=keras.layers.BatchNormalization
+):
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
-    model = plain_resnet20()
+    model = plain_resnet20(bn=bn)
     model.compile(
         optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -163,7 +172,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
         "--variants",
-        default="zoo,plain,zoo_jit,plain_jit",
+        default="zoo,plain,plain_tfnorm,zoo_jit,plain_jit",
         help="comma-separated",
     )
     args = parser.parse_args()
@@ -173,30 +182,42 @@ def main():
     with tempfile.TemporaryDirectory() as logdir:
         for _ in range(args.rounds):
             for name in names:
-                if name in ("plain", "plain_jit"):
+                if name.startswith("plain"):
                     speed = run_plain(
-                        split, args.steps, args.warmup, name == "plain_jit"
+                        split,
+                        args.steps,
+                        args.warmup,
+                        jit=name == "plain_jit",
+                        bn=(
+                            tfnorm.BatchNormalization
+                            if name == "plain_tfnorm"
+                            else keras.layers.BatchNormalization
+                        ),
                     )
                 else:
                     speed = run_zoo(
                         args.steps, args.warmup, name == "zoo_jit", logdir
                     )
                 speeds[name].append(speed)
-                print(f"{name:8} {speed:8.1f} images/s", flush=True)
+                print(f"{name:12} {speed:8.1f} images/s", flush=True)
     medians = {name: statistics.median(v) for name, v in speeds.items()}
     print(f"\nResNet-20, batch {BATCH}, median of {args.rounds} rounds:")
     for name, value in medians.items():
-        print(f"  {name:8} {value:8.1f} images/s")
-    if "plain" in medians:
-        plain = medians["plain"]
-        for name, target in (("zoo", 0.95), ("zoo_jit", 1.2)):
-            if name in medians:
-                ratio = medians[name] / plain
-                mark = "meets" if ratio >= target else "misses"
-                print(
-                    f"  {name} / plain = {ratio:.2f} ({mark} the target "
-                    f">= {target})"
-                )
+        print(f"  {name:12} {value:8.1f} images/s")
+    targets = (
+        ("zoo", "plain_tfnorm", 0.95, "same BN: the target"),
+        ("zoo", "plain", None, "tfnorm BN vs Keras BN too"),
+        ("plain_tfnorm", "plain", None, "tfnorm BN vs Keras BN alone"),
+        ("zoo_jit", "plain", 1.2, "XLA vs none: the target"),
+    )
+    for name, reference, target, what in targets:
+        if name in medians and reference in medians:
+            ratio = medians[name] / medians[reference]
+            mark = ""
+            if target is not None:
+                met = "meets" if ratio >= target else "misses"
+                mark = f", {met} >= {target}"
+            print(f"  {name} / {reference} = {ratio:.2f} ({what}{mark})")
     if "plain" in medians and "plain_jit" in medians:
         print(
             "  plain_jit / plain = "
