@@ -2,14 +2,18 @@
 killed; mixed precision and XLA runs through the same path."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import pytest
 
 from zoo import cli
+from zoo import experiments
+from zoo import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,10 +94,29 @@ def test_a_killed_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     assert not (resumed / "checkpoint.npz").exists()
 
 
+class _Compiled(keras.callbacks.Callback):
+    """Records how the model trains: XLA or not, each layer's dtypes."""
+
+    def on_train_begin(self, logs=None):
+        self.jit = self.model.jit_compile
+        self.policies = {
+            type(layer).__name__: (layer.compute_dtype, layer.variable_dtype)
+            for layer in self.model.layers
+            if layer.weights
+        }
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.loss = logs["loss"]
+
+
 @pytest.mark.parametrize(
     "options",
-    [["--precision", "mixed_float16"], ["--jit"]],
-    ids=["mixed_float16", "jit"],
+    [
+        ["--precision", "mixed_float16"],
+        ["--precision", "mixed_bfloat16"],
+        ["--jit"],
+    ],
+    ids=["mixed_float16", "mixed_bfloat16", "jit"],
 )
 def test_mixed_precision_and_xla_smoke_runs(tmp_path, options):
     argv = [
@@ -107,19 +130,35 @@ def test_mixed_precision_and_xla_smoke_runs(tmp_path, options):
         "--logdir",
         str(tmp_path),
     ]
+    # The CLI writes the options into the run's config ...
     assert cli.main(argv + options) == 0
     run_dir = tmp_path / "resnet20-cifar10_smoke" / "bn_before" / "seed_0"
     config = json.loads((run_dir / "config.json").read_text())
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "completed"
-    assert result["final_val_loss"] == pytest.approx(
-        result["final_val_loss"]
-    )  # finite, not NaN
-    if "--jit" in options:
-        assert config["jit"] is True
-    else:
-        assert config["precision"] == "mixed_float16"
-    # The global policy is restored for whatever runs next.
-    import keras
+    assert math.isfinite(result["final_val_loss"])
+    precision = options[1] if options[0] == "--precision" else "float32"
+    assert config["precision"] == precision
+    assert config["jit"] is ("--jit" in options)
 
+    # ... and that config trains as it says: under XLA, or with the
+    # layers computing in the low precision on float32 variables (the
+    # logits in float32, for a stable loss).
+    probe = _Compiled()
+    experiment = experiments.get("resnet20-cifar10").shrink()
+    experiment = experiment.replace(
+        steps=4, precision=precision, jit="--jit" in options
+    )
+    train.train_run(
+        experiment, "bn_before", 0, tmp_path / "again", callbacks=[probe]
+    )
+    assert probe.jit is ("--jit" in options)
+    low = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}.get(
+        precision, "float32"
+    )
+    assert probe.policies["Conv2D"] == (low, "float32")
+    assert probe.policies["BatchNormalization"] == (low, "float32")
+    assert probe.policies["Dense"] == ("float32", "float32")
+    assert math.isfinite(probe.loss)
+    # The global policy is restored for whatever runs next.
     assert keras.mixed_precision.global_policy().name == "float32"

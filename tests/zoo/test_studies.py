@@ -47,6 +47,26 @@ def test_reproduce_smoke_writes_the_summary_page(reproduced):
             assert f"({name}_smoke/{plot})" in page
 
 
+def test_every_check_of_a_smoke_run_measured_every_arm(reproduced):
+    # One seed decides nothing, but each quantity a check compares must
+    # still have been measured: a tag renamed in a study or a probe that
+    # returns NaN would leave an empty side ("—", n=0) or a NaN here, and
+    # the verdict would stay "inconclusive" without it.
+    logdir, _ = reproduced
+    for name in studies.names():
+        record = json.loads(
+            (logdir / f"{name}_smoke" / studies.VERDICT_FILE).read_text()
+        )
+        for check in record["checks"]:
+            text = check["measured"]
+            assert "—" not in text and "nan" not in text.lower(), (
+                f"{name}: {check['criterion']}: {text}"
+            )
+            assert "(n=1)" in text or "checkpoints:" in text, (
+                f"{name}: {check['criterion']}: {text}"
+            )
+
+
 def test_each_study_plot_is_an_image_in_tensorboard(reproduced):
     logdir, _ = reproduced
     for name in studies.names():
