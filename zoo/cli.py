@@ -329,17 +329,26 @@ def main(argv=None):
 
         try:
             exp_dirs = report.experiment_dirs(args.dirs)
-            for exp_dir in exp_dirs:
-                _print_report(console, exp_dir)
         except (FileNotFoundError, ValueError) as error:
             parser.error(str(error))
+        failed = []
+        for exp_dir in exp_dirs:
+            try:
+                _print_report(console, exp_dir)
+            except (FileNotFoundError, ValueError) as error:
+                if len(exp_dirs) == 1:
+                    parser.error(str(error))
+                # One broken folder does not hide the others' reports.
+                print(f"{PROG}: error: {error}", file=sys.stderr)
+                failed.append(exp_dir)
+        exp_dirs = [d for d in exp_dirs if d not in failed]
         if len(exp_dirs) > 1:
             parent = Path(os.path.commonpath([d.resolve() for d in exp_dirs]))
             path = parent / report.SUMMARY_FILE
             lines = report.write_summary(exp_dirs, path)
             console.print(report.rich_summary(lines, title="summary"))
             console.print(f"Summary: {path}")
-        return 0
+        return 1 if failed else 0
     if args.command == "reproduce":
         from zoo import studies
 

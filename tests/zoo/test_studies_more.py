@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import shutil
 
 import keras
 import numpy as np
@@ -274,3 +275,40 @@ def test_dropout_family_verdicts_from_fabricated_tables():
     outcome, checks = _family(dropblock=[0.970, 0.985, 0.990])
     assert outcome == verdict.INCONCLUSIVE
     assert checks[0].outcome == verdict.UNCLEAR
+
+
+def test_a_study_needs_every_variant_its_verdict_compares(tmp_path, capsys):
+    argv = ["run", "bn-placement", "--smoke", "--logdir", str(tmp_path)]
+    # Refused before anything is trained.
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv + ["--variants", "bn_after"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: The study 'bn-placement' compares the variants bn_before, "
+        "bn_after, and its verdict needs every one of them; bn_before "
+        "would be left out. Run it without --variants. Received: "
+        "variants=bn_after\n"
+    )
+    assert not (tmp_path / "bn-placement_smoke").exists()
+
+    # A folder that lost an arm's runs gets a report error, not a
+    # traceback; beside another experiment, that one is still reported.
+    assert cli.main(argv) == 0
+    assert (
+        cli.main(
+            ["run", "--smoke", "--variants", "none", "--logdir", str(tmp_path)]
+        )
+        == 0
+    )
+    shutil.rmtree(tmp_path / "bn-placement_smoke" / "bn_before")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli.main(["report", str(tmp_path / "bn-placement_smoke")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: The study 'bn-placement' in " in err
+    assert "lacks the finished runs of an arm its verdict compares" in err
+    assert cli.main(["report", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "lacks the finished runs" in captured.err
+    assert "basics_smoke" in captured.out

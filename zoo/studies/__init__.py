@@ -96,6 +96,27 @@ def run_dir(exp_dir, run):
     return train.run_dir_for(exp_dir, label, run.result["seed"])
 
 
+def check_variants(experiment):
+    """Refuses a study run that leaves out a variant its verdict compares.
+
+    Raises:
+        ValueError: naming the variants the study needs, before anything
+            is trained.
+    """
+    from zoo import experiments
+
+    needed = experiments.get(experiment.name).variants
+    missing = [v for v in needed if v not in experiment.variants]
+    if missing:
+        raise ValueError(
+            f"The study '{experiment.name}' compares the variants "
+            f"{', '.join(needed)}, and its verdict needs every one of "
+            f"them; {', '.join(missing)} would be left out. Run it "
+            "without --variants. Received: "
+            f"variants={','.join(experiment.variants)}"
+        )
+
+
 def run_grid(
     experiment,
     logdir,
@@ -115,8 +136,13 @@ def run_grid(
     from zoo import train
 
     console = console or Console()
+    # First, before any other TensorFlow op: multi-worker and TPU
+    # strategies must be created at start-up. Each worker of a cluster
+    # writes its own folder, as in `zoo.train.run_grid`.
+    strategy = train.get_strategy(experiment.strategy)
     study = STUDIES[experiment.name]
-    exp_dir = train.experiment_dir(experiment, logdir)
+    check_variants(experiment)
+    exp_dir = train.experiment_dir(experiment, logdir, strategy)
     if study.grid is None:
         runs = [(experiment, arm, seed) for arm, seed in train.grid(experiment)]
     else:
@@ -188,7 +214,18 @@ def write_report(exp_dir):
     _, runs = report.write_report(exp_dir)
     config = runs[0].config
     study = STUDIES[config["name"]]
-    evaluation = study.evaluate(exp_dir, runs)
+    try:
+        evaluation = study.evaluate(exp_dir, runs)
+    except KeyError as error:
+        # An arm without a finished run (an interrupted grid, or runs
+        # copied in part): there is nothing to compare it with.
+        raise ValueError(
+            f"The study '{config['name']}' in {exp_dir} lacks the finished "
+            f"runs of an arm its verdict compares (missing: {error}). "
+            f"Finish them with `tfnorm-zoo run {config['name']}"
+            f"{' --smoke' if config.get('smoke') else ''} --logdir "
+            f"{exp_dir.parent}`."
+        ) from None
     outcome = verdicts.verdict(evaluation.checks)
     seeds = sorted({run.result["seed"] for run in runs})
     train_s = sum(run.result["wall_s"] for run in runs)
