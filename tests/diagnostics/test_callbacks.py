@@ -162,3 +162,52 @@ def test_layer_statistics_log_renorm_r_and_d_as_histograms(tmp_path):
         [r.min(), r.max()],
         rtol=1e-6,
     )
+
+
+def test_a_resumed_fit_probes_as_an_uninterrupted_one():
+    # A fit that starts at step 4 (as a run resumed from a checkpoint
+    # does) must draw the batch an uninterrupted run draws there, and
+    # layer statistics must have the drift since the probe at step 4.
+    def callbacks(x, y):
+        batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
+        return [
+            diagnostics.InternalCovariateShiftCallback(batches, period=2),
+            diagnostics.LayerStatisticsCallback(x[:16], period=2),
+        ]
+
+    model, x, y = _setup()
+    straight = callbacks(x, y)
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        verbose=0,
+        callbacks=straight,
+        shuffle=False,
+    )
+
+    model, x, y = _setup()
+    model.fit(x[:32], y[:32], batch_size=8, epochs=1, verbose=0, shuffle=False)
+    resumed = callbacks(x, y)
+    model.fit(
+        x[32:],
+        y[32:],
+        batch_size=8,
+        epochs=1,
+        verbose=0,
+        callbacks=resumed,
+        shuffle=False,
+    )
+
+    for a, b in zip(straight, resumed, strict=True):
+        assert [s for s, _ in a.history] == [2, 4, 6]
+        assert [s for s, _ in b.history] == [6]
+        step, expected = a.history[-1]
+        _, got = b.history[-1]
+        for layer, values in expected.items():
+            for key, value in values.items():
+                if isinstance(value, float):
+                    assert got[layer][key] == value, (layer, key)
+    # The drift since step 4 is there, from the repeated probe.
+    assert "input_mean_drift" in resumed[1].history[-1][1]["d0"]

@@ -32,6 +32,13 @@ class _Batches:
         self.data = data
         self._iterator = None
 
+    def skip(self, count):
+        """Draws `count` batches unused (cycling as `next` does)."""
+        if isinstance(self.data, tuple):
+            return
+        for _ in range(count):
+            self.next()
+
     def next(self):
         if isinstance(self.data, tuple):
             return self.data
@@ -54,7 +61,10 @@ class _ProbeCallback(keras.callbacks.Callback):
     The step is the optimizer's iteration count after the training step,
     so probes land on steps `period, 2 * period, ...` across epochs, also
     with `steps_per_execution > 1` (then on the first step boundary past
-    each multiple).
+    each multiple). The probe at step `k * period` draws the k-th batch
+    of an iterable `data` (cycled): a fit that starts at step `s` (a run
+    resumed from a checkpoint) first skips the `s // period` batches the
+    earlier probes drew, so it probes what an uninterrupted run would.
     """
 
     def __init__(self, data, period, log_dir):
@@ -70,6 +80,12 @@ class _ProbeCallback(keras.callbacks.Callback):
         if self.log_dir is not None and self._writer is None:
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
         self._last_step = self._step()
+        if self._last_step and not self.history:
+            self.resume(self._last_step)
+
+    def resume(self, step):
+        """Catches up with the probes due before `step`, unlogged."""
+        self._batches.skip(step // self.period)
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
@@ -321,6 +337,18 @@ class LayerStatisticsCallback(_ProbeCallback):
         )
         self._previous = result
         return result
+
+    def resume(self, step):
+        # The drift of the next probe is measured from the previous one.
+        # When `step` is itself a probing step, that probe saw exactly
+        # these weights and this batch: repeat it to get its result.
+        # Otherwise it is lost, and the next probe has no drift.
+        done = step // self.period
+        if done and step % self.period == 0:
+            self._batches.skip(done - 1)
+            self.probe(self._batches.next())
+        else:
+            self._batches.skip(done)
 
     def scalars(self, result):
         for name, values in result.items():
