@@ -211,3 +211,21 @@ def test_a_resumed_fit_probes_as_an_uninterrupted_one():
                     assert got[layer][key] == value, (layer, key)
     # The drift since step 4 is there, from the repeated probe.
     assert "input_mean_drift" in resumed[1].history[-1][1]["d0"]
+
+
+def test_layer_statistics_callback_takes_a_dict_of_named_inputs():
+    a = keras.Input((3,), name="a")
+    b = keras.Input((2,), name="b")
+    h = keras.layers.Dense(4, name="da")(a)
+    out = keras.layers.Dense(1, name="out")(keras.layers.Concatenate()([h, b]))
+    model = keras.Model({"a": a, "b": b}, out)
+    model.compile("sgd", "mse")
+    rng = np.random.default_rng(0)
+    x = {
+        "a": rng.standard_normal((16, 3)).astype("float32"),
+        "b": rng.standard_normal((16, 2)).astype("float32"),
+    }
+    stats = diagnostics.LayerStatisticsCallback(x, period=1)
+    model.fit(x, np.zeros((16, 1)), batch_size=8, verbose=0, callbacks=[stats])
+    assert [s for s, _ in stats.history] == [1, 2]
+    assert {"da", "out"} <= set(stats.history[-1][1])

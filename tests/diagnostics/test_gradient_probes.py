@@ -192,6 +192,42 @@ def test_landscape_of_a_quadratic_has_its_exact_smoothness():
     np.testing.assert_allclose(probe["beta_ratios"], [expected] * 2, 1e-10)
 
 
+def test_a_step_size_that_blows_up_shows_in_the_bands_wherever_it_is():
+    # A loss that overflows at one step size: the band's upper end is not
+    # finite whatever that step size's place in the grid (Python's min and
+    # max dropped a NaN that came second).
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 4)).astype("float32")
+    t = rng.standard_normal((16, 1)).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    probes = [
+        diagnostics.loss_landscape(model, x, t, step_sizes=steps, loss=_mse)
+        for steps in ([1e38, 0.1], [0.1, 1e38])
+    ]
+    for key in ("loss_min", "loss_max", "grad_change_min", "grad_change_max"):
+        a, b = (probe[key] for probe in probes)
+        assert a == b or (np.isnan(a) and np.isnan(b)), (key, a, b)
+    for probe in probes:
+        assert not np.isfinite(probe["loss_max"])
+        assert not np.isfinite(probe["grad_change_max"])
+
+
+def test_a_compile_shorthand_loss_gets_a_clear_error():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("sgd", loss="crossentropy")
+    x = np.zeros((4, 4), "float32")
+    with pytest.raises(ValueError) as info:
+        diagnostics.loss_landscape(model, x, np.zeros(4), step_sizes=[0.1])
+    assert str(info.value) == (
+        "Loss 'crossentropy' is not a Keras loss name that the probes can "
+        "look up (`compile` resolves shorthands such as 'crossentropy' from "
+        "the targets). Pass `loss` explicitly, for example "
+        "loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True). "
+        "Received: loss='crossentropy'"
+    )
+
+
 def test_probes_follow_a_layer_frozen_between_calls():
     # Fine-tuning freezes layers between fits: the probes' cached graphs
     # took the old variables by position and indexed past the new list.

@@ -93,7 +93,19 @@ def resolve_loss(model, loss):
                 "with one. Received: loss=None, model.loss=None"
             )
     if isinstance(loss, str):
-        loss = keras.losses.get(loss)
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            # `compile` also takes shorthands such as "crossentropy" that
+            # it resolves from the targets' shape; there are no targets
+            # here to resolve them from.
+            raise ValueError(
+                f"Loss {loss!r} is not a Keras loss name that the probes "
+                "can look up (`compile` resolves shorthands such as "
+                "'crossentropy' from the targets). Pass `loss` explicitly, "
+                "for example loss=keras.losses.SparseCategoricalCrossentropy"
+                f"(from_logits=True). Received: loss={loss!r}"
+            ) from None
     if not callable(loss):
         raise TypeError(
             "Argument `loss` (or the model's compiled loss) must be a "

@@ -323,8 +323,9 @@ class LayerStatisticsCallback(_ProbeCallback):
     """
 
     def __init__(self, data, period=25, layers=None, log_dir=None):
-        if isinstance(data, (np.ndarray, tf.Tensor)):
-            # One array is the batch itself, not an iterable of rows.
+        if isinstance(data, (np.ndarray, tf.Tensor, dict)):
+            # One array (or a dict of them, for a model with named
+            # inputs) is the batch itself, not an iterable of rows.
             data = (data,)
         super().__init__(data, period, log_dir)
         self.layers = layers

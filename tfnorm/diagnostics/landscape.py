@@ -159,11 +159,13 @@ def loss_landscape(model, x, y, step_sizes=DEFAULT_STEP_SIZES, loss=None):
         "loss": float(value.numpy()),
         "grad_norm": grad_norm,
         "losses": losses,
-        "loss_min": min(losses),
-        "loss_max": max(losses),
+        # numpy's min and max propagate a NaN (a step size that blew the
+        # loss up) whatever its place in the grid; Python's depend on it.
+        "loss_min": float(np.min(losses)),
+        "loss_max": float(np.max(losses)),
         "grad_changes": changes,
-        "grad_change_min": min(changes),
-        "grad_change_max": max(changes),
+        "grad_change_min": float(np.min(changes)),
+        "grad_change_max": float(np.max(changes)),
         "beta_ratios": ratios,
         "beta_smoothness": float(np.max(ratios)),
     }
