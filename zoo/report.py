@@ -83,6 +83,61 @@ def finished_results(path):
     )
 
 
+# What a report reads of each run's files; a file without them was not
+# written by `tfnorm-zoo run` (or was damaged since).
+_CONFIG_KEYS = (
+    "name",
+    "variant",
+    "dataset",
+    "steps",
+    "eval_every",
+    "learning_rate",
+    "threshold",
+)
+_RESULT_KEYS = ("variant", "seed", "status", "wall_s", "final_val_accuracy")
+
+
+def _read_json(path, lines=False):
+    """A run file's JSON (a list of records with `lines`), or a
+    `ValueError` that names the file."""
+    try:
+        text = Path(path).read_text()
+        if lines:
+            return [json.loads(line) for line in text.splitlines() if line]
+        return json.loads(text)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Cannot read the run file {path}: {error}. Rerun that run "
+            "(delete its folder and run the same command again)."
+        ) from None
+
+
+def _load_run(run_dir, result_file):
+    config = _read_json(run_dir / "config.json")
+    result = _read_json(result_file)
+    for path, record, keys in (
+        (run_dir / "config.json", config, _CONFIG_KEYS),
+        (result_file, result, _RESULT_KEYS),
+    ):
+        missing = (
+            list(keys)
+            if not isinstance(record, dict)
+            else [k for k in keys if k not in record]
+        )
+        if missing:
+            raise ValueError(
+                f"Cannot read the run file {path}: it lacks "
+                f"{', '.join(missing)}. Rerun that run (delete its folder "
+                "and run the same command again)."
+            )
+    curve = [
+        (record["step"], record["val/accuracy"])
+        for record in _read_json(run_dir / "metrics.jsonl", lines=True)
+        if "val/accuracy" in record
+    ]
+    return Run(config=config, result=result, val_curve=curve)
+
+
 def load_runs(exp_dir):
     """Every finished run under `exp_dir`, in a stable order.
 
@@ -93,19 +148,7 @@ def load_runs(exp_dir):
     runs = []
     for result_file in finished_results(exp_dir):
         run_dir = result_file.parent
-        curve = []
-        with open(run_dir / "metrics.jsonl") as lines:
-            for line in lines:
-                record = json.loads(line)
-                if "val/accuracy" in record:
-                    curve.append((record["step"], record["val/accuracy"]))
-        runs.append(
-            Run(
-                config=json.loads((run_dir / "config.json").read_text()),
-                result=json.loads(result_file.read_text()),
-                val_curve=curve,
-            )
-        )
+        runs.append(_load_run(run_dir, result_file))
     names = sorted(
         {
             run.config["name"] + (" (smoke)" if run.config.get("smoke") else "")

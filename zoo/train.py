@@ -744,6 +744,18 @@ def outcome_text(result):
     return f"val accuracy {result['final_val_accuracy']:.3f}"
 
 
+def check_logdir(logdir):
+    """Raises a `ValueError` when `logdir` cannot be a folder: it, or the
+    nearest of its parents that exists, is a file."""
+    path = Path(logdir)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(
+            f"The log directory must be a folder, and {existing} is a "
+            f"file. Pass another --logdir. Received: logdir={str(logdir)!r}"
+        )
+
+
 def experiment_dir(experiment, logdir, strategy=None):
     """Where this process writes the experiment's run folders.
 
@@ -752,6 +764,7 @@ def experiment_dir(experiment, logdir, strategy=None):
     writes `logdir/<folder>.worker<i>`, so that workers sharing a file
     system never write the same files.
     """
+    check_logdir(logdir)
     exp_dir = Path(logdir) / experiment.folder
     if strategy is None:
         return exp_dir

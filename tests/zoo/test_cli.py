@@ -125,3 +125,46 @@ def test_an_unavailable_dataset_fails_fast_and_says_how_to_provide_it(
         'download_and_prepare()"`, copy its ~/tensorflow_datasets folder '
         "here and pass it with `--data-dir DIR` (or set TFDS_DATA_DIR)."
     )
+
+
+@pytest.mark.parametrize("below", ["", "/runs"])
+def test_a_logdir_that_is_a_file_is_refused(tmp_path, capsys, below):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    logdir = f"{afile}{below}"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "--smoke", "--logdir", logdir])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: The log directory must be a folder, and {afile} is a "
+        f"file. Pass another --logdir. Received: logdir={logdir!r}\n"
+    )
+    assert afile.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    "file, text, problem",
+    [
+        ("result.json", '{"variant": "none",\n', "Expecting"),
+        ("result.json", "{}", "it lacks variant, seed, status"),
+        ("config.json", "null", "it lacks name, variant, dataset"),
+        ("metrics.jsonl", '{"step": 1,\n', "Expecting"),
+    ],
+)
+def test_report_of_a_damaged_run_file_names_the_file(
+    tmp_path, capsys, file, text, problem
+):
+    argv = ["run", "--smoke", "--variants", "none", "--logdir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    damaged = tmp_path / "basics_smoke" / "none" / "seed_0" / file
+    damaged.write_text(text)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli.main(["report", str(tmp_path / "basics_smoke")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: Cannot read the run file {damaged}: " in err
+    assert problem in err
+    assert err.endswith(
+        "Rerun that run (delete its folder and run the same command again).\n"
+    )
