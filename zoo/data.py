@@ -432,6 +432,17 @@ def augment_batch(x, seed, begin=0, global_batch=None):
     return tf.where(flip[:, None, None, None], tf.reverse(x, axis=[2]), x)
 
 
+def check_batch_size(split, batch_size):
+    """Raises a `ValueError` when one batch needs more examples than the
+    training set has."""
+    n = len(split.x_train)
+    if batch_size > n:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {n} training "
+            f"examples of '{split.name}'."
+        )
+
+
 def train_dataset(
     split,
     batch_size,
@@ -477,13 +488,9 @@ def train_dataset(
         sampling: One of `BATCH_SAMPLINGS`: `"iid"` or `"two_classes"`.
     """
     check_batch_sampling(sampling)
+    check_batch_size(split, batch_size)
     n = len(split.x_train)
     per_pass = n // batch_size
-    if per_pass < 1:
-        raise ValueError(
-            f"batch_size={batch_size} is larger than the {n} training "
-            f"examples of '{split.name}'."
-        )
     replicas = num_pipelines * replicas_per_pipeline
     if batch_size % replicas:
         raise ValueError(

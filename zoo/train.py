@@ -423,6 +423,48 @@ def _partial_dir(run_dir, config):
     return partial, False
 
 
+def build_model(experiment, split, variant):
+    """The experiment's network for `variant`, uncompiled."""
+    return models.build(
+        experiment.model,
+        split.input_shape,
+        split.num_classes,
+        variant,
+        hidden_units=experiment.hidden_units,
+        activation=experiment.activation,
+        width=experiment.width,
+        shortcut=experiment.shortcut,
+        virtual_batch_size=experiment.virtual_batch_size,
+        dropout_rate=experiment.dropout_rate,
+        dropblock_size=experiment.dropblock_size,
+        groups=experiment.groups,
+        synchronized=experiment.synchronized,
+        weight_decay=experiment.weight_decay,
+        dropout_layer=experiment.dropout_layer,
+        dropout_blocks=experiment.dropout_blocks,
+    )
+
+
+def preflight(experiment, variants, data_dir=None):
+    """Checks that every run of a grid can start, before any trains.
+
+    Loads the data (a tfds set that cannot be had fails here), checks the
+    batch size against it and builds each variant's network once, so a
+    variant the model has no place for is refused before the grid's
+    first run rather than after its earlier ones.
+
+    Raises:
+        ValueError: for a batch or a variant that cannot run.
+        data.DataUnavailableError: for a dataset that cannot be had.
+    """
+    split = data.load(experiment.dataset, data_dir)
+    data.check_batch_size(split, experiment.batch_size)
+    for variant in dict.fromkeys(variants):
+        keras.backend.clear_session()
+        build_model(experiment, split, variant)
+    keras.backend.clear_session()
+
+
 def train_run(
     experiment,
     variant,
@@ -497,24 +539,7 @@ def train_run(
     keras.mixed_precision.set_global_policy(experiment.precision)
     try:
         with strategy.scope():
-            model = models.build(
-                experiment.model,
-                split.input_shape,
-                split.num_classes,
-                variant,
-                hidden_units=experiment.hidden_units,
-                activation=experiment.activation,
-                width=experiment.width,
-                shortcut=experiment.shortcut,
-                virtual_batch_size=experiment.virtual_batch_size,
-                dropout_rate=experiment.dropout_rate,
-                dropblock_size=experiment.dropblock_size,
-                groups=experiment.groups,
-                synchronized=experiment.synchronized,
-                weight_decay=experiment.weight_decay,
-                dropout_layer=experiment.dropout_layer,
-                dropout_blocks=experiment.dropout_blocks,
-            )
+            model = build_model(experiment, split, variant)
             model.compile(
                 optimizer=keras.optimizers.SGD(
                     _schedule(experiment, learning_rate),
@@ -826,6 +851,8 @@ def run_grid(
         else:
             todo.append((arm, seed))
     skipped = len(runs) - len(todo)
+    if todo:
+        preflight(experiment, [arm.variant for arm, _ in todo], data_dir)
     write_hparams_config(exp_dir, experiment)
     if not todo:
         console.print(f"All {len(runs)} runs already finished in {exp_dir}.")

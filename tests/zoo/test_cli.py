@@ -168,3 +168,30 @@ def test_report_of_a_damaged_run_file_names_the_file(
     assert err.endswith(
         "Rerun that run (delete its folder and run the same command again).\n"
     )
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            ["--variants", "none,dropblock"],
+            "Model 'mlp' has no place for dropout flavor 'dropblock' "
+            "(variant 'dropblock'). Use `dropout` with the MLP.",
+        ),
+        (
+            ["--variants", "none", "--batch-size", "8192"],
+            "batch_size=8192 is larger than the 4000 training examples of "
+            "'digits'.",
+        ),
+    ],
+)
+def test_a_grid_that_cannot_run_is_refused_before_it_trains(
+    tmp_path, capsys, options, message
+):
+    argv = ["run", "--smoke", "--logdir", str(tmp_path)] + options
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: {message}\n")
+    # Nothing was trained or written: not even the first variant's run.
+    assert list(tmp_path.iterdir()) == []

@@ -147,6 +147,7 @@ def run_grid(
         runs = [(experiment, arm, seed) for arm, seed in train.grid(experiment)]
     else:
         runs = study.grid(experiment)
+    train.preflight(experiment, [arm.variant for _, arm, _ in runs], data_dir)
     train.write_hparams_config(exp_dir, experiment)
     trained = skipped = 0
     for index, (run_experiment, arm, seed) in enumerate(runs, start=1):
