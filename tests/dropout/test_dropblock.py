@@ -240,6 +240,25 @@ def test_empty_map_gives_empty_output(make, shape, jit_compile):
     assert tuple(fn(tf.ones(shape)).shape) == shape
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 0, 5, 3), (2, 5, 0, 3), (2, 5, 5, 0)],
+    ids=["no_rows", "no_columns", "no_channels"],
+)
+def test_static_empty_map_with_unknown_batch(shape, jit_compile):
+    # As `fit` traces a model with a known map and an unknown batch: the
+    # static zero made the mask's branch fail to trace (max-pool window
+    # larger than the padded map) before the runtime check could skip it.
+    layer = DropBlock2D(0.3, block_size=3, seed=0)
+    fn = tf.function(
+        lambda a: layer(a, training=True),
+        jit_compile=jit_compile,
+        input_signature=[tf.TensorSpec([None, *shape[1:]])],
+    )
+    assert tuple(fn(tf.ones(shape)).shape) == shape
+
+
 def test_xla_drop_fraction():
     layer = DropBlock2D(0.1, block_size=4, seed=15)
     fn = tf.function(lambda a: layer(a, training=True), jit_compile=True)

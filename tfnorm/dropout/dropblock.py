@@ -180,12 +180,13 @@ class _DropBlock(DropoutLayer):
     def _drop(self, inputs, rate, seed):
         # An empty map has nothing to drop, and TensorFlow's max-pool
         # kernel dies with SIGFPE when its output is empty (a map of width
-        # 0), so such inputs skip the mask: statically when the shape is
-        # known, as under XLA, and through a cond otherwise.
-        size = inputs.shape.num_elements()
-        if size == 0:
+        # 0), so such inputs skip the mask: statically when a dimension is
+        # known to be 0 (the batch may still be unknown: the branch that
+        # builds the mask would not even trace) or the shape is known, as
+        # under XLA, and through a cond otherwise.
+        if 0 in inputs.shape:
             return inputs
-        if size is not None:
+        if inputs.shape.is_fully_defined():
             return self._drop_blocks(inputs, rate, seed)
         return tf.cond(
             tf.size(inputs) > 0,
