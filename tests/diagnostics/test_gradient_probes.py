@@ -255,3 +255,42 @@ def test_probes_follow_a_layer_frozen_between_calls():
     np.testing.assert_allclose(landscape["loss"], before["loss"], rtol=1e-6)
     assert landscape["grad_norm"] < before["grad_norm"]
     assert sorted(shift) == ["d2"]
+
+
+@pytest.mark.parametrize(
+    "bn",
+    [tfnorm.BatchNormalization, keras.layers.BatchNormalization],
+    ids=["tfnorm", "keras"],
+)
+def test_probes_follow_a_bn_layer_frozen_without_weights(bn):
+    # Without gamma and beta, freezing BN leaves the variable layout as it
+    # was, but the layer then normalizes with its moving statistics: the
+    # cached graphs kept normalizing with the batch's.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(4, name="d1"),
+            bn(center=False, scale=False, name="bn"),
+            keras.layers.Dense(1, name="d2"),
+        ]
+    )
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(8, 4)) * 3 + 2).astype("float32")
+    y = np.ones((8, 1), "float32")
+    diagnostics.loss_landscape(model, x, y, step_sizes=[0.1], loss=_mse)
+    diagnostics.layer_statistics(model, x)
+
+    model.get_layer("bn").trainable = False
+    landscape = diagnostics.loss_landscape(
+        model, x, y, step_sizes=[0.1], loss=_mse
+    )
+    stats = diagnostics.layer_statistics(model, x)
+    # Moving statistics at their initial values: BN is the identity.
+    expected = np.mean((model(x, training=False).numpy() - y) ** 2)
+    np.testing.assert_allclose(landscape["loss"], expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        stats["bn"]["per_unit"]["output_std"],
+        stats["bn"]["per_unit"]["input_std"] / np.sqrt(1 + 1e-3),
+        rtol=1e-5,
+    )

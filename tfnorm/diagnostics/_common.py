@@ -154,7 +154,10 @@ def cached(model, key, make):
     so a stale entry is never reused for another loss. The model's
     variable layout is part of the key too: the traced functions take the
     variables' values by position, so freezing or unfreezing a layer
-    between probes (fine-tuning) must trace anew.
+    between probes (fine-tuning) must trace anew. So are the layers'
+    `trainable` flags: a frozen BN layer normalizes with its moving
+    statistics, which the trace fixes, and one without `gamma` and `beta`
+    leaves the variable layout as it was.
     """
     cache = getattr(model, _CACHE_ATTR, None)
     if cache is None:
@@ -165,6 +168,7 @@ def cached(model, key, make):
         static,
         tuple(id(v) for v in model.trainable_variables),
         tuple(id(v) for v in model.non_trainable_variables),
+        tuple(layer.trainable for layer in all_layers(model)),
     )
     entry = cache.get(kind)
     if entry is not None and entry[0] is loss and entry[1] == static:
