@@ -66,6 +66,19 @@ def test_ghost_smoke_runs_every_arm_and_records_the_distance(ghost_smoke):
     assert "| bn_b1024_short | 1024 | 1 | 0.4 |" in report
 
 
+def test_ghost_report_of_a_folder_without_an_arm_says_which(
+    ghost_smoke, tmp_path
+):
+    exp_dir, _ = ghost_smoke
+    for label, *_ in ghost.arms(experiments.get("ghost-large-batch").shrink()):
+        copy = tmp_path / label / exp_dir.name
+        shutil.copytree(exp_dir, copy)
+        shutil.rmtree(copy / label)
+        # A ValueError the CLI prints, never a KeyError or StopIteration.
+        with pytest.raises(ValueError, match="lacks the finished runs"):
+            studies.write_report(copy)
+
+
 def test_dropout_family_smoke_runs_every_flavor_in_one_network(family_smoke):
     exp_dir, code = family_smoke
     assert code == 0

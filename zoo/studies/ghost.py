@@ -367,8 +367,13 @@ def _evaluate(exp_dir, runs):
 
     steps = max(config["steps"] for config in configs.values())
     small = next(
-        label for label, c in configs.items() if c["batch_size"] != LARGE
+        (label for label, c in configs.items() if c["batch_size"] != LARGE),
+        None,
     )
+    if small is None:
+        # A KeyError, as for a missing large-batch arm: the report names
+        # the arm and how to finish it.
+        raise KeyError("the small-batch arm")
     large = {}
     for label, config in configs.items():
         if config["batch_size"] == LARGE:
