@@ -8,6 +8,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from zoo import cli
 from zoo import experiments
+from zoo import report
 from zoo import studies
 from zoo import verdict
 from zoo.studies import dropout_shift
@@ -254,6 +255,53 @@ def test_dropout_remedy_verdicts(last, uout_acc, uout_shift, expected):
         "dropout's variance shift is at least 3 times Uout's at p 0.5",
     ]
     assert verdict.verdict(checks) == expected
+
+
+def _shift_runs(smoke, labels):
+    # Configs as the grid writes them; no run folder, so every measure is
+    # at chance (accuracy) or missing (shift).
+    experiment = experiments.get("dropout-variance-shift")
+    experiment = experiment.shrink() if smoke else experiment
+    runs = []
+    for run_experiment, arm, seed in dropout_shift.grid(experiment):
+        if arm.label in labels:
+            config = run_experiment.run_config(
+                arm.variant, seed, arm.learning_rate, arm.label
+            )
+            result = {
+                "variant": arm.variant,
+                "arm": arm.label,
+                "seed": seed,
+                "status": "completed",
+            }
+            runs.append(report.Run(config, result, []))
+    return runs
+
+
+@pytest.mark.parametrize(
+    "smoke, kept, missing",
+    [
+        # A lower rate lost: its check would vanish from the verdict.
+        (
+            False,
+            ("bn_dropout_p0.1", "bn_dropout_p0.5", "bn_dropout_last_p0.5"),
+            "bn_dropout_p0.3, bn_uout_p0.5",
+        ),
+        # The largest rate lost: the remedies had nothing to beat.
+        (
+            True,
+            ("bn_dropout_last_p0.5", "bn_uout_p0.5", "bn_before"),
+            "bn_dropout_p0.5",
+        ),
+    ],
+)
+def test_dropout_shift_evaluation_names_a_missing_arm(
+    tmp_path, smoke, kept, missing
+):
+    runs = _shift_runs(smoke, kept)
+    with pytest.raises(KeyError) as info:
+        dropout_shift._evaluate(tmp_path, runs)
+    assert info.value.args == (missing,)
 
 
 def test_uout_noise_variance_enters_the_predicted_shift():
