@@ -17,6 +17,11 @@ import sys
 import time
 
 PROG = "tfnorm-zoo"
+INTERRUPTED = (
+    "Interrupted. Finished runs are kept, and the run in progress "
+    "continues from its last checkpoint: run the same command again to "
+    "finish."
+)
 
 
 def _positive_int(text):
@@ -278,11 +283,7 @@ def _run(args, parser, console):
             data_dir=args.data_dir,
         )
     except KeyboardInterrupt:
-        console.print(
-            "Interrupted. Finished runs are kept, and the run in progress "
-            "continues from its last checkpoint: run the same command "
-            "again to finish."
-        )
+        console.print(INTERRUPTED)
         return 130
     except ValueError as error:
         parser.error(str(error))
@@ -353,12 +354,20 @@ def main(argv=None):
         from zoo import studies
 
         started = time.time()
-        path = studies.reproduce(
-            args.logdir,
-            smoke=args.smoke,
-            console=console,
-            command=shlex.join([PROG] + sys.argv[1:]),
-        )
+        try:
+            path = studies.reproduce(
+                args.logdir,
+                smoke=args.smoke,
+                console=console,
+                command=shlex.join([PROG] + sys.argv[1:]),
+            )
+        except KeyboardInterrupt:
+            console.print(INTERRUPTED)
+            return 130
+        except ValueError as error:
+            # As for run: a --logdir that is a file, a finished run of
+            # another configuration in the folder.
+            parser.error(str(error))
         console.print(f"Summary: {path}")
         console.print(
             f"Measured wall time: {_format_seconds(time.time() - started)}."

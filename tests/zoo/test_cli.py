@@ -88,21 +88,24 @@ def test_list_shows_one_line_per_experiment(capsys):
 def test_ctrl_c_keeps_finished_runs_and_says_how_to_resume(
     capsys, monkeypatch, tmp_path
 ):
+    from zoo import studies
     from zoo import train
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "run_grid", interrupted)
-    assert cli.main(["run", "--smoke", "--logdir", str(tmp_path)]) == 130
-    assert (
-        capsys.readouterr().out.split()
-        == (
-            "Interrupted. Finished runs are kept, and the run in progress "
-            "continues from its last checkpoint: run the same command "
-            "again to finish."
-        ).split()
-    )
+    monkeypatch.setattr(studies, "run_grid", interrupted)
+    message = (
+        "Interrupted. Finished runs are kept, and the run in progress "
+        "continues from its last checkpoint: run the same command again "
+        "to finish."
+    ).split()
+    for command in ("run", "reproduce"):
+        argv = [command, "--smoke", "--logdir", str(tmp_path)]
+        assert cli.main(argv) == 130
+        # reproduce names the study it was running first.
+        assert capsys.readouterr().out.split()[-len(message) :] == message
 
 
 def test_an_unavailable_dataset_fails_fast_and_says_how_to_provide_it(
@@ -127,13 +130,14 @@ def test_an_unavailable_dataset_fails_fast_and_says_how_to_provide_it(
     )
 
 
+@pytest.mark.parametrize("command", ["run", "reproduce"])
 @pytest.mark.parametrize("below", ["", "/runs"])
-def test_a_logdir_that_is_a_file_is_refused(tmp_path, capsys, below):
+def test_a_logdir_that_is_a_file_is_refused(tmp_path, capsys, below, command):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
     logdir = f"{afile}{below}"
     with pytest.raises(SystemExit) as info:
-        cli.main(["run", "--smoke", "--logdir", logdir])
+        cli.main([command, "--smoke", "--logdir", logdir])
     assert info.value.code == 2
     assert capsys.readouterr().err.endswith(
         f"error: The log directory must be a folder, and {afile} is a "
