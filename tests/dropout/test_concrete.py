@@ -75,6 +75,21 @@ def test_saturated_rate_keeps_loss_and_output_finite(logit):
     assert np.all(np.isfinite(y.numpy()))
 
 
+@pytest.mark.parametrize("logit", [89.0, 100.0])
+def test_overflowing_rate_keeps_the_output_finite(logit):
+    # Past logit 88, exp(logit) is inf in float32: the rescaling factor
+    # sigmoid(-z) * (1 + exp(logit)) became 0 * inf = NaN. The output is
+    # the undropped layer's times the factor, which must stay finite.
+    layer = ConcreteDropout(
+        keras.layers.Dense(2, kernel_initializer="ones"), seed=0
+    )
+    x = np.ones((64, 3), "float32")
+    layer(x)
+    layer.rate_logit.assign(logit)
+    y = layer(x, training=True).numpy()
+    assert np.all(np.isfinite(y)), y
+
+
 @pytest.mark.parametrize("logit", [-120.0, 20.0])
 def test_saturated_rate_saves_and_loads(tmp_path, logit):
     # get_config reported sigmoid(logit), exactly 0 or 1 in float32, as

@@ -238,8 +238,10 @@ class ConcreteDropout(KernelWrapper):
         u = self._uniform(ops.shape(inputs), self._next_seed())
         u = ops.clip(u, _EPSILON, 1.0 - _EPSILON)
         relaxed = (logit + ops.log(u) - ops.log1p(-u)) / self.temperature
-        # (1 - drop) / (1 - rate), written to stay finite as rate -> 1.
-        factor = ops.sigmoid(-relaxed) * (1.0 + ops.exp(logit))
+        # (1 - drop) / (1 - rate) = sigmoid(-relaxed) * (1 + exp(logit)),
+        # taken in log space: the product form is 0 * inf = NaN once
+        # exp(logit) overflows float32 (logit past about 88).
+        factor = ops.exp(ops.softplus(logit) - ops.softplus(relaxed))
         x = ops.convert_to_tensor(inputs)
         if not keras.backend.is_float_dtype(x.dtype):
             x = ops.cast(x, "float32")
