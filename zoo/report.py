@@ -97,7 +97,7 @@ _CONFIG_KEYS = (
 _RESULT_KEYS = ("variant", "seed", "status", "wall_s", "final_val_accuracy")
 
 
-def _read_json(path, lines=False):
+def read_run_file(path, lines=False):
     """A run file's JSON (a list of records with `lines`), or a
     `ValueError` that names the file."""
     try:
@@ -113,8 +113,8 @@ def _read_json(path, lines=False):
 
 
 def _load_run(run_dir, result_file):
-    config = _read_json(run_dir / "config.json")
-    result = _read_json(result_file)
+    config = read_run_file(run_dir / "config.json")
+    result = read_run_file(result_file)
     for path, record, keys in (
         (run_dir / "config.json", config, _CONFIG_KEYS),
         (result_file, result, _RESULT_KEYS),
@@ -132,7 +132,7 @@ def _load_run(run_dir, result_file):
             )
     curve = [
         (record["step"], record["val/accuracy"])
-        for record in _read_json(run_dir / "metrics.jsonl", lines=True)
+        for record in read_run_file(run_dir / "metrics.jsonl", lines=True)
         if "val/accuracy" in record
     ]
     return Run(config=config, result=result, val_curve=curve)

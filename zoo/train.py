@@ -38,6 +38,7 @@ import tfnorm
 from zoo import data
 from zoo import experiments
 from zoo import models
+from zoo import report
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
@@ -727,7 +728,14 @@ def check_compatible(run_dir, experiment, arm, seed):
     value; the fields of `ENVIRONMENT_FIELDS` (where and how fast it
     trained) never count.
     """
-    saved = json.loads((Path(run_dir) / CONFIG_FILE).read_text())
+    # A damaged or missing config is named, with how to redo the run.
+    path = Path(run_dir) / CONFIG_FILE
+    saved = report.read_run_file(path)
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"Cannot read the run file {path}: it holds no config. Rerun "
+            "that run (delete its folder and run the same command again)."
+        )
     wanted = experiment.run_config(
         arm.variant, seed, arm.learning_rate, arm.label
     )

@@ -175,6 +175,36 @@ def test_report_of_a_damaged_run_file_names_the_file(
 
 
 @pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('{"name": ', "Expecting value"),
+        ("null", "it holds no config"),
+        (None, "No such file or directory"),
+    ],
+)
+def test_rerun_over_a_damaged_config_names_the_file(
+    tmp_path, capsys, text, problem
+):
+    argv = ["run", "--smoke", "--variants", "none", "--logdir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    damaged = tmp_path / "basics_smoke" / "none" / "seed_0" / "config.json"
+    if text is None:
+        damaged.unlink()
+    else:
+        damaged.write_text(text)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: Cannot read the run file {damaged}: " in err
+    assert problem in err
+    assert err.endswith(
+        "Rerun that run (delete its folder and run the same command again).\n"
+    )
+
+
+@pytest.mark.parametrize(
     "options, message",
     [
         (
