@@ -229,3 +229,46 @@ def test_layer_statistics_callback_takes_a_dict_of_named_inputs():
     model.fit(x, np.zeros((16, 1)), batch_size=8, verbose=0, callbacks=[stats])
     assert [s for s, _ in stats.history] == [1, 2]
     assert {"da", "out"} <= set(stats.history[-1][1])
+
+
+def test_a_resumed_fit_counts_probes_per_execution():
+    # With 4 steps per execution and a period of 2, an uninterrupted fit
+    # sees steps 4, 8 and 12 only, and probes at each: 3 probes, not 6.
+    # A fit resumed at step 8 must skip the 2 batches those probes drew.
+    def setup():
+        model, x, y = _setup()
+        model.compile(keras.optimizers.SGD(0.1), "mse", steps_per_execution=4)
+        return model, x, y
+
+    def callback(x, y):
+        batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
+        return diagnostics.InternalCovariateShiftCallback(batches, period=2)
+
+    model, x, y = setup()
+    straight = callback(x, y)
+    model.fit(
+        x,
+        y,
+        batch_size=4,
+        epochs=1,
+        verbose=0,
+        callbacks=[straight],
+        shuffle=False,
+    )
+
+    model, x, y = setup()
+    model.fit(x[:32], y[:32], batch_size=4, epochs=1, verbose=0, shuffle=False)
+    resumed = callback(x, y)
+    model.fit(
+        x[32:],
+        y[32:],
+        batch_size=4,
+        epochs=1,
+        verbose=0,
+        callbacks=[resumed],
+        shuffle=False,
+    )
+
+    assert [s for s, _ in straight.history] == [4, 8, 12]
+    assert [s for s, _ in resumed.history] == [12]
+    assert resumed.history[-1][1] == straight.history[-1][1]

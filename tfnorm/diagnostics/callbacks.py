@@ -85,7 +85,22 @@ class _ProbeCallback(keras.callbacks.Callback):
 
     def resume(self, step):
         """Catches up with the probes due before `step`, unlogged."""
-        self._batches.skip(step // self.period)
+        self._batches.skip(len(self._probe_steps(step)))
+
+    def _probe_steps(self, step):
+        """The steps up to `step` an uninterrupted fit probed at.
+
+        Such a fit sees the step only at the end of each execution of
+        `steps_per_execution` steps: with 4 per execution and a period of
+        2 it probes at steps 4 and 8, not at 2, 4, 6 and 8. (An epoch that
+        ends inside an execution shifts the boundaries; not modelled.)
+        """
+        per_call = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        return [
+            end
+            for end in range(per_call, step + 1, per_call)
+            if end // self.period > (end - per_call) // self.period
+        ]
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
@@ -344,12 +359,12 @@ class LayerStatisticsCallback(_ProbeCallback):
         # When `step` is itself a probing step, that probe saw exactly
         # these weights and this batch: repeat it to get its result.
         # Otherwise it is lost, and the next probe has no drift.
-        done = step // self.period
-        if done and step % self.period == 0:
-            self._batches.skip(done - 1)
+        done = self._probe_steps(step)
+        if done and done[-1] == step:
+            self._batches.skip(len(done) - 1)
             self.probe(self._batches.next())
         else:
-            self._batches.skip(done)
+            self._batches.skip(len(done))
 
     def scalars(self, result):
         for name, values in result.items():
