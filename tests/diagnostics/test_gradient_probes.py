@@ -52,6 +52,8 @@ def test_ics_matches_closed_form(unroll):
     # Nothing precedes the first layer: its gradient cannot move.
     assert shift["linear0"]["l2"] == 0.0
     assert shift["linear0"]["cosine"] == pytest.approx(1.0, abs=1e-12)
+    for values in shift.values():
+        assert -1.0 <= values["cosine"] <= 1.0, values
     for name, (l2, relative, cosine) in zip(
         ["linear1", "linear2"], expected[1:], strict=True
     ):

@@ -268,8 +268,10 @@ def internal_covariate_shift(
         result[name] = {
             "l2": float(diff),
             "relative": float(diff / norm) if norm > 0 else float("nan"),
+            # Clipped: rounding put an unmoved gradient's cosine at
+            # 1.0000000000000002.
             "cosine": (
-                float(product / (norm * shifted))
+                float(np.clip(product / (norm * shifted), -1.0, 1.0))
                 if norm > 0 and shifted > 0
                 else float("nan")
             ),
