@@ -46,10 +46,19 @@ def test_grid_adds_the_deep_linear_arm_to_the_mlp_arms():
     ]
 
 
-def test_deep_linear_smoke_records_ics_and_reports_its_check(tmp_path):
+@pytest.fixture(scope="module")
+def landscape_smoke(tmp_path_factory):
     experiment = experiments.get(NAME).shrink()
-    exp_dir, trained, _ = studies.run_grid(experiment, tmp_path)
+    logdir = tmp_path_factory.mktemp("runs")
+    exp_dir, trained, _ = studies.run_grid(experiment, logdir)
     assert trained == 4
+    return exp_dir
+
+
+def test_deep_linear_smoke_records_ics_and_reports_its_check(
+    landscape_smoke, tmp_path
+):
+    exp_dir = landscape_smoke
 
     run_dir = exp_dir / "dln_bn_before_lr0.001" / "seed_0"
     config = json.loads((run_dir / "config.json").read_text())
@@ -86,13 +95,41 @@ def test_deep_linear_smoke_records_ics_and_reports_its_check(tmp_path):
     assert (exp_dir / "deep_linear_ics.png").stat().st_size > 0
 
     # A folder of the deep linear arm alone still gets its report.
+    copy = tmp_path / exp_dir.name
+    shutil.copytree(exp_dir, copy)
     for arm in ("none", "bn_before"):
-        shutil.rmtree(exp_dir / arm)
-    alone = studies.write_report(exp_dir)
+        shutil.rmtree(copy / arm)
+    alone = studies.write_report(copy)
     assert [c["criterion"] for c in alone["checks"]] == [
         c["criterion"] for c in deep
     ]
     assert alone["headline"].startswith("deep linear net: relative ICS")
+
+
+@pytest.mark.parametrize(
+    "arms",
+    [
+        ["dln_none_lr0.001"],
+        ["dln_bn_before_lr0.001"],
+        # The MLP arm alone, as a grid cut off before the deep linear net.
+        ["dln_none_lr0.001", "dln_bn_before_lr0.001"],
+    ],
+)
+def test_report_of_a_folder_without_a_deep_linear_arm_says_which(
+    landscape_smoke, tmp_path, arms
+):
+    copy = tmp_path / landscape_smoke.name
+    shutil.copytree(landscape_smoke, copy)
+    for arm in arms:
+        shutil.rmtree(copy / arm)
+    # Not a verdict with the lost arm's side of its check left empty.
+    with pytest.raises(ValueError) as info:
+        studies.write_report(copy)
+    assert str(info.value) == (
+        f"The study '{NAME}' in {copy} lacks the finished runs of an arm "
+        f"its verdict compares (missing: '{', '.join(arms)}'). Finish them "
+        f"with `tfnorm-zoo run {NAME} --smoke --logdir {tmp_path}`."
+    )
 
 
 def _seeds(relative):

@@ -344,22 +344,21 @@ def deep_linear_grid(experiment):
     width 8 at the first rate only.
     """
     depth, width = DEEP_LINEAR_DEPTH, DEEP_LINEAR_WIDTH
-    rates = DEEP_LINEAR_RATES
     if experiment.smoke:
-        depth, width, rates = 4, 8, rates[:1]
+        depth, width = 4, 8
     cells = [
         experiment.replace(
             hidden_units=(width,) * (depth - 1),
             activation="linear",
             learning_rate=rate,
         )
-        for rate in rates
+        for rate in _deep_linear_rates(experiment.smoke)
     ]
     return [
         (
             cell,
             experiments.Arm(
-                f"{DEEP_LINEAR}_{variant}_lr{cell.learning_rate:g}",
+                _deep_linear_label(variant, cell.learning_rate),
                 variant,
                 cell.learning_rate,
             ),
@@ -369,6 +368,14 @@ def deep_linear_grid(experiment):
         for cell in cells
         for variant in experiment.variants
     ]
+
+
+def _deep_linear_rates(smoke):
+    return DEEP_LINEAR_RATES[:1] if smoke else DEEP_LINEAR_RATES
+
+
+def _deep_linear_label(variant, rate):
+    return f"{DEEP_LINEAR}_{variant}_lr{rate:g}"
 
 
 def grid(experiment):
@@ -548,6 +555,18 @@ MEASURE_TEXT = {
 def _evaluate_landscape(exp_dir, runs):
     mlp_runs = [run for run in runs if not _is_deep_linear(run)]
     deep_runs = [run for run in runs if _is_deep_linear(run)]
+    # Both deep linear variants at every rate of the grid: a missing one
+    # would leave its rate's check unclear against nothing and a verdict
+    # on the rest. A KeyError, so that the report names the arm.
+    labels = [
+        _deep_linear_label(variant, rate)
+        for rate in _deep_linear_rates(runs[0].config.get("smoke"))
+        for variant in ("none", "bn_before")
+    ]
+    found = {run.result["arm"] for run in deep_runs}
+    missing = [label for label in labels if label not in found]
+    if missing:
+        raise KeyError(", ".join(missing))
     if not mlp_runs:
         # A folder of the deep linear arm alone (`--variants` cannot make
         # one, but a copy or a cut-off grid can).
