@@ -193,6 +193,30 @@ def test_dropout_shift_smoke_trains_the_remedies(reproduced):
     assert "dropout's variance shift is at least 3 times Uout's" in text
 
 
+@pytest.mark.parametrize(
+    "name, batches, registered",
+    [
+        ("renorm-small-batch", "2, 64, 32", 64),
+        ("precise-bn", "2, 128", 32),
+    ],
+)
+def test_a_study_with_its_own_batch_sizes_refuses_batch_size(
+    tmp_path, capsys, name, batches, registered
+):
+    argv = ["run", name, "--smoke", "--logdir", str(tmp_path)]
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv + ["--batch-size", "16"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: The study '{name}' trains at batch sizes of its own "
+        f"({batches}) and takes no other. Run it without --batch-size "
+        f"(expected: batch_size={registered}, the registered one). "
+        "Received: batch_size=16\n"
+    )
+    # Refused before anything is trained.
+    assert list(tmp_path.iterdir()) == []
+
+
 def _seeds(mean, spread=0.01):
     return [mean - spread, mean, mean + spread]
 

@@ -117,6 +117,35 @@ def check_variants(experiment):
         )
 
 
+def check_batch_size(experiment, batches):
+    """Refuses a batch size for a study whose grid sets every arm's own.
+
+    Such a grid replaces `experiment.batch_size` in each arm, so another
+    value (`--batch-size`) would be silently ignored.
+
+    Args:
+        experiment: The study's experiment, as the command line built it.
+        batches: The batch sizes the grid trains at.
+
+    Raises:
+        ValueError: when `experiment.batch_size` is not the registered
+            one, before anything is trained.
+    """
+    from zoo import experiments
+
+    registered = experiments.get(experiment.name)
+    if experiment.smoke:
+        registered = registered.shrink()
+    if experiment.batch_size != registered.batch_size:
+        raise ValueError(
+            f"The study '{experiment.name}' trains at batch sizes of its "
+            f"own ({', '.join(map(str, batches))}) and takes no other. Run "
+            "it without --batch-size (expected: batch_size="
+            f"{registered.batch_size}, the registered one). Received: "
+            f"batch_size={experiment.batch_size}"
+        )
+
+
 def run_grid(
     experiment,
     logdir,

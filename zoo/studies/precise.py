@@ -79,6 +79,7 @@ def precise_bn():
 def grid(experiment):
     """(run experiment, arm, seed) for every batch size and arm."""
     batches = BATCHES[::3] if experiment.smoke else BATCHES
+    studies.check_batch_size(experiment, batches)
     runs = []
     for seed in range(experiment.seeds):
         for batch in batches:

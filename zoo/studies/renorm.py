@@ -100,6 +100,7 @@ def grid(experiment):
     if experiment.smoke:
         # Batch 4 takes the same code path as batch 2.
         batches = {b: f for b, f in BATCHES.items() if b != 4}
+    studies.check_batch_size(experiment, [*batches, NON_IID])
     cells = [
         (
             experiment.replace(
