@@ -42,6 +42,8 @@ class Row:
     reached: list
     diverged_at: list
     threshold: float
+    # The arm's training steps: a study's arms may train for fewer.
+    steps: int
 
     @property
     def accuracy_text(self):
@@ -207,32 +209,52 @@ def summarize(runs):
                 reached.append(hits[0])
         rows.append(
             Row(
-                variant, len(group), accuracies, reached, diverged_at, threshold
+                variant,
+                len(group),
+                accuracies,
+                reached,
+                diverged_at,
+                threshold,
+                group[0].config["steps"],
             )
         )
     return rows
 
 
-def _headers(rows, runs):
+def _mixed_steps(rows):
+    return len({row.steps for row in rows}) > 1
+
+
+def _headers(rows):
     threshold = rows[0].threshold if rows else 0.0
-    steps = runs[0].config["steps"] if runs else 0
+    if _mixed_steps(rows):
+        # Each cell states its arm's step (a study's shorter arms).
+        accuracy = "val accuracy at each arm's last step"
+    else:
+        accuracy = f"val accuracy at step {rows[0].steps if rows else 0}"
     return (
         "variant",
-        f"val accuracy at step {steps}",
+        accuracy,
         f"steps to {threshold:.0%} val accuracy",
         "diverged",
     )
 
 
+def _cells(row, rows):
+    accuracy = row.accuracy_text
+    if _mixed_steps(rows) and row.accuracies:
+        accuracy += f" at step {row.steps}"
+    return (row.variant, accuracy, row.steps_text, row.diverged_text)
+
+
 def markdown_table(rows, runs):
-    headers = _headers(rows, runs)
+    headers = _headers(rows)
     lines = [
         "| " + " | ".join(headers) + " |",
         "|" + "|".join("---" for _ in headers) + "|",
     ]
     for row in rows:
-        cells = (row.variant, row.accuracy_text, row.steps_text)
-        lines.append("| " + " | ".join(cells + (row.diverged_text,)) + " |")
+        lines.append("| " + " | ".join(_cells(row, rows)) + " |")
     return "\n".join(lines)
 
 
@@ -240,12 +262,10 @@ def rich_table(rows, runs, title=None):
     from rich.table import Table
 
     table = Table(title=title)
-    for header in _headers(rows, runs):
+    for header in _headers(rows):
         table.add_column(header)
     for row in rows:
-        table.add_row(
-            row.variant, row.accuracy_text, row.steps_text, row.diverged_text
-        )
+        table.add_row(*_cells(row, rows))
     return table
 
 

@@ -66,6 +66,28 @@ def test_ghost_smoke_runs_every_arm_and_records_the_distance(ghost_smoke):
     assert "| bn_b1024_short | 1024 | 1 | 0.4 |" in report
 
 
+def test_ghost_accuracy_table_states_each_arm_s_own_step(ghost_smoke):
+    exp_dir, _ = ghost_smoke
+    lines = (exp_dir / "report.md").read_text().splitlines()
+    header = lines.index(
+        "| variant | val accuracy at each arm's last step | steps to 90% "
+        "val accuracy | diverged |"
+    )
+    rows = itertools.takewhile(lambda line: line, lines[header + 2 :])
+    accuracy = {row.split(" | ")[0][2:]: row.split(" | ")[1] for row in rows}
+    # The `_short` arms stop at step 1 of the smoke run's 12.
+    steps = {
+        "bn_b64": 12,
+        "bn_b1024_short": 1,
+        "ghost_b1024_short": 1,
+        "bn_b1024": 12,
+        "ghost_b1024": 12,
+    }
+    assert sorted(accuracy) == sorted(steps)
+    for label, step in steps.items():
+        assert accuracy[label].endswith(f"(n=1) at step {step}"), accuracy
+
+
 def test_ghost_report_of_a_folder_without_an_arm_says_which(
     ghost_smoke, tmp_path
 ):
