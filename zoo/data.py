@@ -23,6 +23,7 @@ Registered names:
 
 import dataclasses
 import functools
+import os
 import socket
 import sys
 import threading
@@ -275,8 +276,10 @@ def _unreachable_reason(hosts=DOWNLOAD_HOSTS, timeout=PROBE_TIMEOUT_S):
     return "; ".join(reasons)
 
 
-def _unavailable(tfds_name, data_dir, reason):
+def _unavailable(tfds_name, data_dir, reason, folder_exists=True):
     where = data_dir or "the default tfds folder (~/tensorflow_datasets)"
+    if not folder_exists:
+        where = f"{where}, a folder that does not exist,"
     return DataUnavailableError(
         f"Dataset '{tfds_name}' is not prepared in {where} and cannot be "
         f"downloaded from this machine ({reason}). On a machine with a "
@@ -290,16 +293,22 @@ def _unavailable(tfds_name, data_dir, reason):
 def _load_tfds(tfds_name, data_dir=None):
     import tensorflow_datasets as tfds
 
+    # Looked at first: a download attempt creates the folder. A mistyped
+    # --data-dir should not read as a set missing from a real folder.
+    exists = data_dir is None or os.path.isdir(data_dir)
     builder = tfds.builder(tfds_name, data_dir=data_dir)
     if not builder.is_prepared():
         reason = _unreachable_reason()
         if reason is not None:
-            raise _unavailable(tfds_name, data_dir, reason)
+            raise _unavailable(tfds_name, data_dir, reason, exists)
         try:
             builder.download_and_prepare()
         except Exception as error:
             raise _unavailable(
-                tfds_name, data_dir, f"{type(error).__name__}: {error}"
+                tfds_name,
+                data_dir,
+                f"{type(error).__name__}: {error}",
+                exists,
             ) from error
     num_classes = builder.info.features["label"].num_classes
     parts = []

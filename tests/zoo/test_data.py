@@ -180,6 +180,20 @@ def test_a_dataset_that_cannot_be_downloaded_fails_with_directions(
     assert "--data-dir DIR" in str(info.value)
 
 
+def test_a_data_dir_that_does_not_exist_is_named_as_such(monkeypatch, tmp_path):
+    monkeypatch.setattr(
+        data, "_unreachable_reason", lambda: "no network in this test"
+    )
+    missing = tmp_path / "typo"
+    with pytest.raises(data.DataUnavailableError) as info:
+        data._load_tfds("mnist", str(missing))
+    assert str(info.value).startswith(
+        f"Dataset 'mnist' is not prepared in {missing}, a folder that does "
+        "not exist, and cannot be downloaded from this machine (no network "
+        "in this test)."
+    )
+
+
 def test_digits32_are_the_digits_padded_to_cifar_shape():
     split = data.load("digits32")
     digits = data.load("digits")
