@@ -213,6 +213,11 @@ def _parser():
         help="every study in smoke size (seconds each); the page says "
         "that its verdicts mean nothing",
     )
+    # Errors found after parsing (a folder without runs, a --logdir of
+    # another configuration) go through the command's own parser, so that
+    # they show its usage, as argparse's own errors on that command do.
+    for command in (run, report, reproduce):
+        command.set_defaults(error=command.error)
     return parser
 
 
@@ -237,7 +242,7 @@ def _print_report(console, exp_dir):
     console.print(f"  {report.tensorboard_command(exp_dir)}", highlight=False)
 
 
-def _run(args, parser, console):
+def _run(args, console):
     from zoo import data
     from zoo import experiments
     from zoo import train
@@ -286,7 +291,7 @@ def _run(args, parser, console):
         console.print(INTERRUPTED)
         return 130
     except ValueError as error:
-        parser.error(str(error))
+        args.error(str(error))
     except data.DataUnavailableError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
@@ -331,14 +336,14 @@ def main(argv=None):
         try:
             exp_dirs = report.experiment_dirs(args.dirs)
         except (FileNotFoundError, ValueError) as error:
-            parser.error(str(error))
+            args.error(str(error))
         failed = []
         for exp_dir in exp_dirs:
             try:
                 _print_report(console, exp_dir)
             except (FileNotFoundError, ValueError) as error:
                 if len(exp_dirs) == 1:
-                    parser.error(str(error))
+                    args.error(str(error))
                 # One broken folder does not hide the others' reports.
                 print(f"{PROG}: error: {error}", file=sys.stderr)
                 failed.append(exp_dir)
@@ -367,14 +372,14 @@ def main(argv=None):
         except ValueError as error:
             # As for run: a --logdir that is a file, a finished run of
             # another configuration in the folder.
-            parser.error(str(error))
+            args.error(str(error))
         console.print(f"Summary: {path}")
         console.print(
             f"Measured wall time: {_format_seconds(time.time() - started)}."
         )
         return 0
     if args.command == "run":
-        return _run(args, parser, console)
+        return _run(args, console)
     parser.print_help()
     return 2
 

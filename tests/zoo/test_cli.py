@@ -61,10 +61,16 @@ def test_bad_names_and_values_list_the_valid_choices(capsys, argv, message):
 def test_report_of_a_folder_without_runs_says_what_it_expected(
     capsys, tmp_path
 ):
-    assert _error(capsys, ["report", str(tmp_path)]) == (
-        f"tfnorm-zoo: error: No finished runs in {tmp_path}: expected "
-        "folders <variant>/seed_<n>/ with a result.json, as `tfnorm-zoo "
-        "run` writes them."
+    with pytest.raises(SystemExit) as info:
+        cli.main(["report", str(tmp_path)])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    # Found after parsing, yet shown as argparse shows the command's own.
+    assert lines[0] == "usage: tfnorm-zoo report [-h] DIR [DIR ...]"
+    assert lines[-1] == (
+        f"tfnorm-zoo report: error: No finished runs in {tmp_path}: "
+        "expected folders <variant>/seed_<n>/ with a result.json, as "
+        "`tfnorm-zoo run` writes them."
     )
 
 
@@ -139,9 +145,12 @@ def test_a_logdir_that_is_a_file_is_refused(tmp_path, capsys, below, command):
     with pytest.raises(SystemExit) as info:
         cli.main([command, "--smoke", "--logdir", logdir])
     assert info.value.code == 2
-    assert capsys.readouterr().err.endswith(
-        f"error: The log directory must be a folder, and {afile} is a "
-        f"file. Pass another --logdir. Received: logdir={logdir!r}\n"
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: tfnorm-zoo {command} [-h] ")
+    assert err.endswith(
+        f"tfnorm-zoo {command}: error: The log directory must be a folder, "
+        f"and {afile} is a file. Pass another --logdir. Received: "
+        f"logdir={logdir!r}\n"
     )
     assert afile.read_text() == "not a folder"
 
@@ -226,6 +235,8 @@ def test_a_grid_that_cannot_run_is_refused_before_it_trains(
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code == 2
-    assert capsys.readouterr().err.endswith(f"error: {message}\n")
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tfnorm-zoo run [-h] ")
+    assert err.endswith(f"tfnorm-zoo run: error: {message}\n")
     # Nothing was trained or written: not even the first variant's run.
     assert list(tmp_path.iterdir()) == []
