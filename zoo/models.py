@@ -408,19 +408,27 @@ class _Layers:
         layer = tfnorm.DropBlock1D if rank == 1 else tfnorm.DropBlock2D
         return layer(rate, block_size=self.dropblock_size, name=name)(x)
 
-    def refuse(self, model, flavors):
+    def refuse(self, model):
         """Raises for a dropout flavor that `model` has no place for."""
-        if self.spec.dropout in flavors:
-            raise ValueError(
-                f"Model {model!r} has no place for dropout flavor "
-                f"{self.spec.dropout!r} (variant {self.spec.name!r}). "
-                + (
-                    "DropPath needs residual branches: use a ResNet or "
-                    "resconvnet1d/2d."
-                    if self.spec.dropout == "droppath"
-                    else "Use `dropout` with the MLP."
-                )
+        if self.spec.dropout not in no_place_for(model):
+            return
+        if self.spec.dropout == "droppath":
+            hint = (
+                "DropPath needs residual branches: use a ResNet or "
+                "resconvnet1d/2d."
             )
+        else:
+            # Variant names, not flavors: `--variants` takes the former.
+            fitting = [
+                name
+                for name in variants_for(model)
+                if VARIANTS[name].dropout is not None
+            ]
+            hint = f"Its variants with dropout: {', '.join(fitting)}."
+        raise ValueError(
+            f"Model {model!r} has no place for dropout flavor "
+            f"{self.spec.dropout!r} (variant {self.spec.name!r}). {hint}"
+        )
 
 
 def compile_sgd(model, learning_rate):
@@ -482,7 +490,7 @@ def build_mlp(
         kernel_initializer="glorot_uniform",
         **options,
     )
-    layers.refuse("mlp", ("spatial", "dropblock", "droppath"))
+    layers.refuse("mlp")
     inputs = keras.Input(shape=tuple(input_shape), name="inputs")
     x = keras.layers.Flatten(name="flatten")(inputs)
     for i, units in enumerate(hidden_units, start=1):
@@ -762,7 +770,7 @@ def build_vgg(
         )
     spec = resolve(variant, placement, dropout)
     layers = _Layers(spec, **options)
-    layers.refuse(f"vgg{depth}", ("droppath",))
+    layers.refuse(f"vgg{depth}")
     inputs = keras.Input(shape=tuple(input_shape), name="inputs")
     x = _as_map(inputs, 2)
     if min(x.shape[1:3]) < 32:
@@ -829,8 +837,7 @@ def build_convnet(
     spec = resolve(variant, placement, dropout)
     layers = _Layers(spec, **options)
     kind = f"{'res' if residual else ''}convnet{rank}d"
-    if not residual:
-        layers.refuse(kind, ("droppath",))
+    layers.refuse(kind)
     drop_rates = (
         tfnorm.stochastic_depth_rates(
             len(filters), max_rate=layers.dropout_rate
@@ -893,6 +900,25 @@ def check_model(name):
         f"{', '.join(model_names())} (and any resnet/preresnet of depth "
         "6 n + 2)."
     )
+
+
+def no_place_for(model):
+    """The dropout flavors that the model named `model` has no place for.
+
+    The MLP has no feature maps for spatial dropout or DropBlock, and only
+    the residual models have branches for DropPath to drop.
+    """
+    if model == "mlp":
+        return ("spatial", "dropblock", "droppath")
+    if model.startswith("resconvnet") or _RESNET_NAME.fullmatch(model):
+        return ()
+    return ("droppath",)
+
+
+def variants_for(model):
+    """The names in `VARIANTS` that the model `model` can be built with."""
+    refused = no_place_for(model)
+    return [name for name, v in VARIANTS.items() if v.dropout not in refused]
 
 
 # The options only some builders take; `build` passes each builder its own.

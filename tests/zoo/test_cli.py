@@ -219,7 +219,7 @@ def test_rerun_over_a_damaged_config_names_the_file(
         (
             ["--variants", "none,dropblock"],
             "Model 'mlp' has no place for dropout flavor 'dropblock' "
-            "(variant 'dropblock'). Use `dropout` with the MLP.",
+            "(variant 'dropblock'). Its variants with dropout: bn_dropout.",
         ),
         (
             ["--variants", "none", "--batch-size", "8192"],

@@ -213,6 +213,13 @@ def test_builders_refuse_what_does_not_fit():
         "'stochastic_depth'). DropPath needs residual branches: use a ResNet "
         "or resconvnet1d/2d."
     )
+    # The hint names variants, which `--variants` takes, not flavors.
+    with pytest.raises(ValueError) as info:
+        models.build("mlp", (784,), 10, "bn_spatial_dropout")
+    assert str(info.value) == (
+        "Model 'mlp' has no place for dropout flavor 'spatial' (variant "
+        "'bn_spatial_dropout'). Its variants with dropout: bn_dropout."
+    )
     with pytest.raises(ValueError) as info:
         models.build("resnet21", (32, 32, 3), 10)
     assert str(info.value).startswith("Unknown model 'resnet21'. Valid models:")
@@ -222,6 +229,20 @@ def test_builders_refuse_what_does_not_fit():
         "VGG's five poolings need inputs of at least 32x32. "
         "Received: input_shape=(28, 28, 1)"
     )
+
+
+@pytest.mark.parametrize("name", ["mlp", "convnet1d", "resconvnet1d"])
+def test_variants_for_a_model_are_those_it_builds(name):
+    built = []
+    for variant in models.VARIANTS:
+        try:
+            models.build(
+                name, (40,), 10, variant, hidden_units=(8,), width=0.25
+            )
+        except ValueError:
+            continue
+        built.append(variant)
+    assert models.variants_for(name) == built
 
 
 def test_plain_convnet_keeps_its_parameter_count():
