@@ -48,20 +48,38 @@ def _experiment_name(text):
 
 
 def _variant_list(text):
-    from zoo import models
-
+    # The names are checked in `_variants_problem`, once the experiment
+    # (whose model decides which variants fit) is known.
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in models.VARIANTS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown variant(s) {', '.join(repr(n) for n in unknown)}. "
-            f"Valid variants: {', '.join(models.VARIANTS)}."
-            if unknown
-            else "expected a comma-separated list of variant names. "
-            f"Valid variants: {', '.join(models.VARIANTS)}."
-        )
     # Keep the given order, without repeats.
     return tuple(dict.fromkeys(names))
+
+
+def _variants_problem(experiment, names):
+    """What is wrong with `--variants` for `experiment`, or None."""
+    from zoo import experiments
+    from zoo import models
+    from zoo import studies
+
+    if experiment.name in studies.STUDIES:
+        # A study's verdict needs every one of its own variants.
+        valid = experiments.get(experiment.name).variants
+        listing = f"Valid variants for the study {experiment.name}"
+    else:
+        valid = models.variants_for(experiment.model)
+        listing = (
+            f"Valid variants for {experiment.name} (model {experiment.model})"
+        )
+    listing += f": {', '.join(valid)}."
+    if not names:
+        return f"expected a comma-separated list of variant names. {listing}"
+    unknown = [name for name in names if name not in models.VARIANTS]
+    if unknown:
+        return (
+            f"unknown variant(s) {', '.join(repr(n) for n in unknown)}. "
+            f"{listing}"
+        )
+    return None
 
 
 def _parser():
@@ -250,6 +268,11 @@ def _run(args, console):
     experiment = experiments.get(args.name)
     if args.smoke:
         experiment = experiment.shrink()
+    if args.variants is not None:
+        problem = _variants_problem(experiment, args.variants)
+        if problem:
+            # Worded as argparse words the errors of its own checks.
+            args.error(f"argument --variants: {problem}")
     changes = {
         key: value
         for key, value in (

@@ -24,16 +24,34 @@ def _error(capsys, argv):
             "tfnorm-zoo run: error: argument NAME: unknown experiment "
             "'basic'. Valid experiments: <EXPERIMENTS>.",
         ),
+        # Only the variants the experiment's model can take: the MLP has
+        # no feature maps for DropBlock, no residual branches for DropPath.
         (
             ["run", "--variants", "bn_before,batchnorm,ghost"],
             "tfnorm-zoo run: error: argument --variants: unknown variant(s) "
-            f"'batchnorm'. Valid variants: {VARIANTS}.",
+            "'batchnorm'. Valid variants for basics (model mlp): none, "
+            "bn_before, bn_after, ghost, renorm, noisy_bn, bn_dropout, "
+            "groupnorm.",
         ),
         (
             ["run", "--variants", ","],
             "tfnorm-zoo run: error: argument --variants: expected a "
-            f"comma-separated list of variant names. Valid variants: "
+            "comma-separated list of variant names. Valid variants for "
+            "basics (model mlp): none, bn_before, bn_after, ghost, renorm, "
+            "noisy_bn, bn_dropout, groupnorm.",
+        ),
+        (
+            ["run", "resnet20-cifar10", "--variants", "foo"],
+            "tfnorm-zoo run: error: argument --variants: unknown variant(s) "
+            "'foo'. Valid variants for resnet20-cifar10 (model resnet20): "
             f"{VARIANTS}.",
+        ),
+        # A study needs every one of its variants.
+        (
+            ["run", "santurkar-landscape", "--variants", "foo"],
+            "tfnorm-zoo run: error: argument --variants: unknown variant(s) "
+            "'foo'. Valid variants for the study santurkar-landscape: none, "
+            "bn_before.",
         ),
         (
             ["run", "--seeds", "0"],
