@@ -74,12 +74,24 @@ def _variants_problem(experiment, names):
     if not names:
         return f"expected a comma-separated list of variant names. {listing}"
     unknown = [name for name in names if name not in models.VARIANTS]
-    if unknown:
-        return (
-            f"unknown variant(s) {', '.join(repr(n) for n in unknown)}. "
-            f"{listing}"
+    if not unknown:
+        return None
+    problem = f"unknown variant(s) {', '.join(repr(n) for n in unknown)}. "
+    # The report's rows of a grid with a learning-rate axis are arms,
+    # labelled `variant_lrRATE`, which read like something to pass back.
+    arms = [
+        name for name in unknown if name.rpartition("_lr")[0] in models.VARIANTS
+    ]
+    if arms and experiment.learning_rates:
+        parts = dict.fromkeys(name.rpartition("_lr")[0] for name in arms)
+        rates = ", ".join(f"{lr:g}" for lr in experiment.learning_rates)
+        problem += (
+            f"Arms such as {arms[0]} are variant_lrRATE combinations "
+            f"({experiment.name} trains each variant at the learning rates "
+            f"{rates}); --variants takes the variant part: "
+            f"{', '.join(parts)}. "
         )
-    return None
+    return problem + listing
 
 
 def _parser():

@@ -46,6 +46,25 @@ def _error(capsys, argv):
             "'foo'. Valid variants for resnet20-cifar10 (model resnet20): "
             f"{VARIANTS}.",
         ),
+        # The report's rows are arms; --variants takes their variant part.
+        (
+            ["run", "santurkar-lr", "--variants", "none_lr0.5,bn_before_lr1"],
+            "tfnorm-zoo run: error: argument --variants: unknown variant(s) "
+            "'none_lr0.5', 'bn_before_lr1'. Arms such as none_lr0.5 are "
+            "variant_lrRATE combinations (santurkar-lr trains each variant "
+            "at the learning rates 0.05, 0.5); --variants takes the variant "
+            "part: none, bn_before. Valid variants for the study "
+            "santurkar-lr: none, bn_before, noisy_bn.",
+        ),
+        (
+            ["run", "santurkar-vgg", "--variants", "none_lr0.1"],
+            "tfnorm-zoo run: error: argument --variants: unknown variant(s) "
+            "'none_lr0.1'. Arms such as none_lr0.1 are variant_lrRATE "
+            "combinations (santurkar-vgg trains each variant at the "
+            "learning rates 0.1, 0.5); --variants takes the variant part: "
+            "none. Valid variants for santurkar-vgg (model vgg16): "
+            f"{', '.join(models.variants_for('vgg16'))}.",
+        ),
         # A study needs every one of its variants.
         (
             ["run", "santurkar-landscape", "--variants", "foo"],
