@@ -282,7 +282,7 @@ def plot(runs, rows, path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     plotted = 0
     for row in rows:
         curves = [
@@ -314,7 +314,11 @@ def plot(runs, rows, path):
     ax.set_ylim(0.0, 1.0)
     ax.grid(alpha=0.3)
     if plotted:
-        ax.legend(loc="lower right", fontsize="small")
+        # Beside the axes: inside, it hid whichever curve ran along its
+        # corner (a diverged or untrained variant sits at the bottom).
+        ax.legend(
+            loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small"
+        )
     else:
         ax.set_title("no run finished without diverging")
     fig.tight_layout()
