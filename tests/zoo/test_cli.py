@@ -159,7 +159,10 @@ def test_an_unavailable_dataset_fails_fast_and_says_how_to_provide_it(
     monkeypatch.setattr(
         data, "_unreachable_reason", lambda: "no network in this test"
     )
+    # An existing, empty folder (tests/zoo/test_data.py has one that does
+    # not exist).
     empty = tmp_path / "tfds"
+    empty.mkdir()
     argv = ["run", "resnet20-cifar10", "--steps", "1", "--seeds", "1"]
     argv += ["--logdir", str(tmp_path / "runs"), "--data-dir", str(empty)]
     assert cli.main(argv) == 1
