@@ -883,6 +883,9 @@ def run_grid(
         # Runs take seconds each; estimate from all of them, not the
         # default last 30 s.
         speed_estimate_period=3600,
+        # Gone once the grid ends: the per-run lines and the table stay,
+        # and a finished bar left above them read as work still going on.
+        transient=True,
     )
     with progress:
         overall = progress.add_task("grid", total=len(todo))
