@@ -36,6 +36,9 @@ accelerators, where it is untested. Rounds varied by up to 25% while
 other jobs ran; interleaving keeps the ratios closer than the speeds.
 An earlier version timed the zoo's end-of-run histogram pass inside the
 window and read 0.90 for zoo / plain_tfnorm on the same machine.
+
+TODO(#5): run on a GPU: the jit target there, ResNet-20 images/s, and
+the time to 91% on CIFAR-10 (no accelerator has been lent yet).
 """
 
 import argparse

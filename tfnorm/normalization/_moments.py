@@ -138,6 +138,7 @@ def all_reduce_moments(ctx, moments, float64=None):
 
 def _all_reduce_moments_float32(ctx, moments):
     """`all_reduce_moments` in two float32 collectives, for TPUs."""
+    # TODO(#5): run on a real TPU; tested only forced on CPU replicas.
     count, mean, m2 = moments
     total = ctx.all_reduce(
         tf.distribute.ReduceOp.SUM, tf.stack([count, count * mean])
