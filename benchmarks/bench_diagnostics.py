@@ -29,10 +29,17 @@ gradient plus, per layer i after the first, one at its own point; the
 unrolled probe shares the forward pass through the moved layers and runs
 each layer's pass through layers i..L only, about 2.8 gradients of work on
 this MLP. The issue's target of 2x a training step per probe is therefore
-out of reach for the landscape probe (at about 6x) and at the edge for ICS
-of every layer; it holds for `layer_stats` and for ICS of a few layers,
-and amortized over the probing period for all (column `per_step@25`, the
-overhead per training step when probing every 25 steps).
+out of reach for the landscape probe and for ICS of every layer; it holds
+for `layer_stats` and for ICS of a few layers, and amortized over the
+probing period for all (column `per_step@25`, the overhead per training
+step when probing every 25 steps).
+
+Measured on 2 idle CPU cores (full run, medians), x `train_on_batch`
+without / with BN: ics 3.62 / 3.38, ics_looped 5.23 / 5.07, ics_last
+1.62 / 1.78, landscape 6.57 / 6.29, landscape_2 2.79 / 2.67, layer_stats
+0.88 / 1.08; per step when probing every 25 steps at most 0.26. On cores
+shared with other jobs the ratios read lower (ics 2.1-2.7, landscape
+4.3-6.7, an earlier measurement).
 
 `--deep` adds the 25-layer deep linear net of the zoo's E2 arm (width 64,
 with and without BN): ICS of its 25 layers unrolled and looped, per probe

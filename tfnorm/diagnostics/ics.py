@@ -195,12 +195,13 @@ def internal_covariate_shift(
     through layers `i..L` only: for an `L`-layer chain of equal widths
     about `1.3 + L / 2` gradients. On the 784-6x256-10 MLP (whose first
     layer does 38% of the work) all 7 layers cost about 2.8 gradients,
-    measured 2.1-2.7x `train_on_batch` (`benchmarks/bench_diagnostics.py`,
-    2 shared CPU cores). The unrolled graph grows with the depth times the
-    model, and so does its one-time optimization at the first call: 25-35
-    s for a 25-layer linear net with BN, against 4-7 s looped, where the
-    model is in the graph once at one full gradient per layer (3-5x the
-    unrolled time per probe on that net).
+    measured 3.4-3.6x `train_on_batch` on 2 idle CPU cores (2.1-2.7x on
+    cores shared with other jobs; `benchmarks/bench_diagnostics.py`).
+    The unrolled graph grows with the depth times the model, and so does
+    its one-time optimization at the first call: 25-35 s for a 25-layer
+    linear net with BN, against 4-7 s looped, where the model is in the
+    graph once at one full gradient per layer (3-5x the unrolled time per
+    probe on that net).
 
     Args:
         model: A built Keras model.

@@ -92,8 +92,9 @@ def loss_landscape(model, x, y, step_sizes=DEFAULT_STEP_SIZES, loss=None):
     point sees the same dropout mask. The loss is the mean of
     `loss(y, y_pred)` plus the model's regularization penalties. Costs one
     gradient plus one per step size, each over the whole network: about 9
-    gradients with the default grid, measured 4.3-6.7x `train_on_batch`
-    on the 784-6x256-10 MLP (`benchmarks/bench_diagnostics.py`).
+    gradients with the default grid, measured 6.3-6.6x `train_on_batch`
+    on the 784-6x256-10 MLP on idle CPU cores (4.3-6.7x on shared ones;
+    `benchmarks/bench_diagnostics.py`).
 
     Args:
         model: A built Keras model.
