@@ -37,6 +37,15 @@ other jobs ran; interleaving keeps the ratios closer than the speeds.
 An earlier version timed the zoo's end-of-run histogram pass inside the
 window and read 0.90 for zoo / plain_tfnorm on the same machine.
 
+On another machine of the same kind (2 cores, idle, a faster CPU),
+`--steps 60 --rounds 5`, medians: zoo 877.9 images/s, plain_tfnorm
+856.2, plain 732.1, zoo_jit 423.6, plain_jit 389.6. zoo / plain_tfnorm =
+1.03 (met), zoo / plain = 1.20; zoo_jit / plain = 0.58 (missed): there
+XLA halves the plain script's speed (0.53x), and the zoo under XLA runs
+at 1.09 of the plain script under XLA. Single rounds ranged over 30%
+(zoo 689-922 images/s); 3 rounds of 20 steps read zoo / plain_tfnorm
+0.88 there, too few to tell a 5% target.
+
 TODO(#5): run on a GPU: the jit target there, ResNet-20 images/s, and
 the time to 91% on CIFAR-10 (no accelerator has been lent yet).
 """
