@@ -164,6 +164,25 @@ def test_layer_statistics_log_renorm_r_and_d_as_histograms(tmp_path):
     )
 
 
+def _straight_and_resumed(setup, make_callbacks, batch_size):
+    """Callbacks of a fit over all 48 examples, and of one resumed at 32.
+
+    The resumed model first trains on the first 32 examples without
+    callbacks, as a run restored from a checkpoint has; its callbacks
+    then see only the remaining 16.
+    """
+    fit = dict(batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+    model, x, y = setup()
+    straight = make_callbacks(x, y)
+    model.fit(x, y, callbacks=straight, **fit)
+
+    model, x, y = setup()
+    model.fit(x[:32], y[:32], **fit)
+    resumed = make_callbacks(x, y)
+    model.fit(x[32:], y[32:], callbacks=resumed, **fit)
+    return straight, resumed
+
+
 def test_a_resumed_fit_probes_as_an_uninterrupted_one():
     # A fit that starts at step 4 (as a run resumed from a checkpoint
     # does) must draw the batch an uninterrupted run draws there, and
@@ -175,30 +194,7 @@ def test_a_resumed_fit_probes_as_an_uninterrupted_one():
             diagnostics.LayerStatisticsCallback(x[:16], period=2),
         ]
 
-    model, x, y = _setup()
-    straight = callbacks(x, y)
-    model.fit(
-        x,
-        y,
-        batch_size=8,
-        epochs=1,
-        verbose=0,
-        callbacks=straight,
-        shuffle=False,
-    )
-
-    model, x, y = _setup()
-    model.fit(x[:32], y[:32], batch_size=8, epochs=1, verbose=0, shuffle=False)
-    resumed = callbacks(x, y)
-    model.fit(
-        x[32:],
-        y[32:],
-        batch_size=8,
-        epochs=1,
-        verbose=0,
-        callbacks=resumed,
-        shuffle=False,
-    )
+    straight, resumed = _straight_and_resumed(_setup, callbacks, 8)
 
     for a, b in zip(straight, resumed, strict=True):
         assert [s for s, _ in a.history] == [2, 4, 6]
@@ -242,32 +238,11 @@ def test_a_resumed_fit_counts_probes_per_execution():
 
     def callback(x, y):
         batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
-        return diagnostics.InternalCovariateShiftCallback(batches, period=2)
+        return [diagnostics.InternalCovariateShiftCallback(batches, period=2)]
 
-    model, x, y = setup()
-    straight = callback(x, y)
-    model.fit(
-        x,
-        y,
-        batch_size=4,
-        epochs=1,
-        verbose=0,
-        callbacks=[straight],
-        shuffle=False,
-    )
-
-    model, x, y = setup()
-    model.fit(x[:32], y[:32], batch_size=4, epochs=1, verbose=0, shuffle=False)
-    resumed = callback(x, y)
-    model.fit(
-        x[32:],
-        y[32:],
-        batch_size=4,
-        epochs=1,
-        verbose=0,
-        callbacks=[resumed],
-        shuffle=False,
-    )
+    straight, resumed = _straight_and_resumed(setup, callback, 4)
+    (straight,) = straight
+    (resumed,) = resumed
 
     assert [s for s, _ in straight.history] == [4, 8, 12]
     assert [s for s, _ in resumed.history] == [12]

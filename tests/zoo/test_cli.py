@@ -195,6 +195,16 @@ def test_a_logdir_that_is_a_file_is_refused(tmp_path, capsys, below, command):
     assert afile.read_text() == "not a folder"
 
 
+def _assert_names_the_damaged_file(info, capsys, damaged, problem):
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: Cannot read the run file {damaged}: " in err
+    assert problem in err
+    assert err.endswith(
+        "Rerun that run (delete its folder and run the same command again).\n"
+    )
+
+
 @pytest.mark.parametrize(
     "file, text, problem",
     [
@@ -214,13 +224,7 @@ def test_report_of_a_damaged_run_file_names_the_file(
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         cli.main(["report", str(tmp_path / "basics_smoke")])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert f"error: Cannot read the run file {damaged}: " in err
-    assert problem in err
-    assert err.endswith(
-        "Rerun that run (delete its folder and run the same command again).\n"
-    )
+    _assert_names_the_damaged_file(info, capsys, damaged, problem)
 
 
 @pytest.mark.parametrize(
@@ -244,13 +248,7 @@ def test_rerun_over_a_damaged_config_names_the_file(
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert f"error: Cannot read the run file {damaged}: " in err
-    assert problem in err
-    assert err.endswith(
-        "Rerun that run (delete its folder and run the same command again).\n"
-    )
+    _assert_names_the_damaged_file(info, capsys, damaged, problem)
 
 
 @pytest.mark.parametrize(
